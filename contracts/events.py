@@ -1,0 +1,112 @@
+"""Job events: the control plane. Stages publish them; only the gateway's tracker reads them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts import routing
+from contracts.messages import (
+    SCHEMA_VERSION,
+    ChunkBatch,
+    DocumentParsed,
+    Message,
+    StageName,
+)
+
+EventKind = Literal["started", "progress", "failed"]
+
+
+class JobError(BaseModel):
+    """Why a job failed: the stage, a stable code, a sentence, and whether a retry may help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: StageName
+    code: str
+    message: str
+    retryable: bool
+
+
+class JobEvent(BaseModel):
+    """One step of one job in one stage.
+
+    `progress` is published once per message a stage finished, naming its unit of work
+    (batch index and count), so the tracker counts each unit once however often it is redelivered.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = SCHEMA_VERSION
+    job_id: str
+    document_id: str
+    stage: StageName
+    kind: EventKind
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    attempt: int = Field(1, ge=1)
+    batch_index: int = Field(0, ge=0)
+    batch_count: int = Field(1, ge=1)
+    chunks: int = Field(0, ge=0)
+    pages: int | None = None
+    chunks_total: int | None = None
+    parsed_sha256: str | None = None
+    error: JobError | None = None
+
+    @property
+    def routing_key(self) -> str:
+        """`job.<stage>.<kind>`."""
+        return routing.job_event_key(self.stage, self.kind)
+
+
+def started(stage: StageName, msg: Message, attempt: int) -> JobEvent:
+    """A stage began work on a message."""
+    index, count, chunks = msg.unit()
+    return JobEvent(
+        job_id=msg.job_id,
+        document_id=msg.document_id,
+        stage=stage,
+        kind="started",
+        attempt=attempt,
+        batch_index=index,
+        batch_count=count,
+        chunks=chunks,
+    )
+
+
+def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt: int) -> JobEvent:
+    """A stage finished one message; what it learned (pages, chunk count) comes from its outputs."""
+    index, count, chunks = msg.unit()
+    parsed = next((o for o in outputs if isinstance(o, DocumentParsed)), None)
+    total = next((o.chunks_total for o in outputs if isinstance(o, ChunkBatch)), None)
+    return JobEvent(
+        job_id=msg.job_id,
+        document_id=msg.document_id,
+        stage=stage,
+        kind="progress",
+        attempt=attempt,
+        batch_index=index,
+        batch_count=count,
+        chunks=chunks,
+        pages=parsed.pages if parsed else None,
+        chunks_total=total,
+        parsed_sha256=parsed.parsed_sha256 if parsed else None,
+    )
+
+
+def failed(stage: StageName, msg: Message, error: JobError, attempt: int) -> JobEvent:
+    """A stage gave up on a message; the job fails with `error`."""
+    index, count, chunks = msg.unit()
+    return JobEvent(
+        job_id=msg.job_id,
+        document_id=msg.document_id,
+        stage=stage,
+        kind="failed",
+        attempt=attempt,
+        batch_index=index,
+        batch_count=count,
+        chunks=chunks,
+        error=error,
+    )

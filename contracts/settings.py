@@ -1,0 +1,79 @@
+"""Every setting Sluice reads, from `SLUICE_*` environment variables, in one class."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.messages import StageName
+
+
+class StageTuning(BaseModel):
+    """How much one stage process holds (prefetch) and works on at once (concurrency)."""
+
+    prefetch: int
+    concurrency: int
+
+
+class Settings(BaseSettings):
+    """Sluice's configuration; every field maps to `SLUICE_<FIELD>` (e.g. `SLUICE_AMQP_URL`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_")
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
+    namespace: str = Field("sluice", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 104_857_600
+    api_keys: str | None = None
+
+    # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
+    model_dir: Path | None = None
+    embed_device: str = "auto"
+    embed_batch_size: int = Field(64, ge=1)
+    chunk_max_tokens: int = Field(256, ge=16)
+    chunk_overlap_tokens: int = Field(32, ge=0)
+    chunks_per_message: int = Field(64, ge=1, le=256)
+
+    # Per-stage throttles (`SLUICE_EMBED_PREFETCH`, ...); the README gives the reason for each.
+    parse_prefetch: int = Field(2, ge=1)
+    parse_concurrency: int = Field(1, ge=1)
+    chunk_prefetch: int = Field(4, ge=1)
+    chunk_concurrency: int = Field(2, ge=1)
+    embed_prefetch: int = Field(4, ge=1)
+    embed_concurrency: int = Field(1, ge=1)
+    index_prefetch: int = Field(8, ge=1)
+    index_concurrency: int = Field(2, ge=1)
+
+    # Delivery safety: how often a message may crash its worker, and when stage queues push back.
+    delivery_limit: int = Field(5, ge=1)
+    queue_max_length: int = Field(100_000, ge=1)
+    retry_delays_s: tuple[int, ...] = (1, 10, 60)
+    max_attempts: int = Field(5, ge=1)
+
+    def tuning(self, stage: StageName) -> StageTuning:
+        """Prefetch and concurrency for one stage."""
+        return StageTuning(
+            prefetch=getattr(self, f"{stage}_prefetch"),
+            concurrency=getattr(self, f"{stage}_concurrency"),
+        )
+
+    @cached_property
+    def blob_dir(self) -> Path:
+        """Where raw uploads and parsed text live, by sha256."""
+        return self.data_dir / "blobs"
+
+    @cached_property
+    def index_dir(self) -> Path:
+        """The LanceDB directory."""
+        return self.data_dir / "index"
+
+    @cached_property
+    def job_db_path(self) -> Path:
+        """The SQLite job store."""
+        return self.data_dir / "jobs.sqlite3"

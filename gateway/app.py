@@ -1,0 +1,92 @@
+"""The gateway: a FastAPI app that owns the job store and answers uploads in milliseconds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from contracts.settings import Settings
+from gateway import errors
+from gateway.jobs import SqliteJobStore
+from gateway.routes import documents, jobs, ops, search
+from gateway.services import Services
+from gateway.tracker import Tracker
+from stages.backends.blobs import LocalBlobStore
+from stages.backends.vectors import LanceIndex
+from stages.broker import Broker
+from stages.logs import configure_logging
+
+log = logging.getLogger(__name__)
+# Room for the multipart envelope and form fields around the file itself.
+_MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+class UploadSizeLimit:
+    """Refuse an oversized upload from its Content-Length, before reading a byte of it."""
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+        self.app = app
+        self.limit = max_upload_bytes + _MULTIPART_OVERHEAD_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 413 early when the declared body is too large."""
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                response = errors.error_response(
+                    413,
+                    "file_too_large",
+                    f"The upload is larger than the {self.limit - _MULTIPART_OVERHEAD_BYTES}"
+                    " byte limit.",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; resources are built when it starts and closed when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker = Broker(settings)
+        await broker.connect()
+        services = Services(
+            settings=settings,
+            store=SqliteJobStore(settings.job_db_path),
+            blobs=LocalBlobStore(settings.blob_dir),
+            index=LanceIndex(settings.index_dir),
+            broker=broker,
+        )
+        app.state.services = services
+        await Tracker(broker, services.store, services.changes).start()
+        log.info("gateway ready on http://%s:%d", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await broker.close()
+
+    app = FastAPI(title="Sluice", version="1", lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    for module in (documents, jobs, search, ops):
+        app.include_router(module.router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    configure_logging("sluice-gateway")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,51 @@
+"""The API's error shape: `{"error": {"code", "message"}}`, with Retry-After on 429/503."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP status, stable code, a sentence for a person."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after_s: int | None = None
+) -> JSONResponse:
+    """The JSON error body every 4xx/5xx carries."""
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+_CODE_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+
+
+def install(app: FastAPI) -> None:
+    """Make every error, ours or the framework's, answer in the API's shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _CODE_OF_STATUS.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))

@@ -1,0 +1,117 @@
+"""Job status, listing, the live event stream, and retry of failed jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from contracts.events import JobEvent
+from gateway.errors import ApiError
+from gateway.schemas import TERMINAL, Job, JobPage, JobStatus
+from gateway.services import ServicesDep, require_api_key
+from gateway.uploads import RETRY_AFTER_S, publish_upload
+from stages import dlq
+
+router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_api_key)])
+_KEEPALIVE_S = 15.0
+_RECHECK_S = 2.0
+
+
+def _job_or_404(services: ServicesDep, job_id: str) -> Job:
+    job = services.store.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"No job {job_id}.")
+    return job
+
+
+@router.get("/{job_id}")
+async def get_job(services: ServicesDep, job_id: str) -> Job:
+    """One job's status, progress and stage timings."""
+    return _job_or_404(services, job_id)
+
+
+@router.get("")
+async def list_jobs(
+    services: ServicesDep,
+    status: JobStatus | None = None,
+    collection: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    """Jobs, newest first, a page at a time."""
+    try:
+        jobs, next_cursor = services.store.page(status, collection, limit, cursor)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_cursor", str(exc)) from exc
+    return JobPage(jobs=jobs, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}/events")
+async def job_events(services: ServicesDep, job_id: str, request: Request) -> StreamingResponse:
+    """Server-sent events: the job at connect and on every change, until it ends."""
+    _job_or_404(services, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        last = ""
+        quiet_s = 0.0
+        while True:
+            job = services.store.get(job_id)
+            if job is None:
+                return
+            body = job.model_dump_json()
+            if body != last:
+                yield f"event: status\ndata: {body}\n\n"
+                last, quiet_s = body, 0.0
+            elif quiet_s >= _KEEPALIVE_S:
+                yield ": keepalive\n\n"
+                quiet_s = 0.0
+            if job.status in TERMINAL or await request.is_disconnected():
+                return
+            started = asyncio.get_running_loop().time()
+            await services.changes.wait(job_id, _RECHECK_S)
+            quiet_s += asyncio.get_running_loop().time() - started
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/{job_id}/retry", status_code=202)
+async def retry(services: ServicesDep, job_id: str) -> JSONResponse:
+    """Resume a failed job from the stage that failed (its dead letters), else from the start."""
+    job = _job_or_404(services, job_id)
+    if job.status != "failed" or job.error is None:
+        raise ApiError(409, "job_not_failed", f"Job {job_id} is {job.status}, not failed.")
+    if not services.broker.is_connected:
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            "The message broker is unreachable; try again shortly.",
+            RETRY_AFTER_S,
+        )
+    previous_error = job.error
+    services.store.reopen(job_id)
+    try:
+        if await dlq.replay(services.broker, job_id=job_id) == 0:
+            # Its dead letters are gone (purged or replayed elsewhere): every stage is
+            # idempotent, so starting over from the upload is safe.
+            await publish_upload(services, job)
+    except BaseException:
+        services.store.apply(
+            JobEvent(
+                job_id=job.job_id,
+                document_id=job.document_id,
+                stage=previous_error.stage,
+                kind="failed",
+                error=previous_error,
+            )
+        )
+        raise
+    services.changes.notify(job_id)
+    return JSONResponse(_job_or_404(services, job_id).model_dump(mode="json"), status_code=202)

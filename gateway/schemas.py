@@ -1,0 +1,83 @@
+"""The API's JSON shapes (see shared/API.md): what clients read, named once."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel
+
+from contracts.events import JobError
+from contracts.messages import StageName
+
+JobStatus = Literal["queued", "parsing", "chunking", "embedding", "indexing", "indexed", "failed"]
+TERMINAL: frozenset[JobStatus] = frozenset({"indexed", "failed"})
+STATUS_OF_STAGE: dict[StageName, JobStatus] = {
+    "parse": "parsing",
+    "chunk": "chunking",
+    "embed": "embedding",
+    "index": "indexing",
+}
+STATUS_ORDER: tuple[JobStatus, ...] = (
+    "queued",
+    "parsing",
+    "chunking",
+    "embedding",
+    "indexing",
+    "indexed",
+)
+
+
+class Progress(BaseModel):
+    """How far a job got, in units a person understands."""
+
+    pages: int | None = None
+    chunks_total: int | None = None
+    chunks_embedded: int = 0
+    chunks_indexed: int = 0
+
+
+class StageTiming(BaseModel):
+    """When a stage started and finished work on a job, and its highest attempt."""
+
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+
+
+class Job(BaseModel):
+    """One ingestion of one document version."""
+
+    job_id: str
+    document_id: str
+    collection: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    blob_sha256: str
+    status: JobStatus
+    progress: Progress
+    stages: dict[StageName, StageTiming]
+    error: JobError | None = None
+    created_at: datetime
+    updated_at: datetime
+    trace_id: str | None = None
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class UploadAnswer(BaseModel):
+    """The answer to an accepted (202) or duplicate (200) upload."""
+
+    job_id: str
+    document_id: str
+    collection: str
+    filename: str
+    status: JobStatus
+    status_url: str
+    duplicate: bool = False

@@ -1,0 +1,1 @@
+"""Swappable backends behind small protocols: blob store, embedder, vector index."""

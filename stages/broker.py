@@ -1,0 +1,188 @@
+"""The one place that connects to RabbitMQ, declares the topology and publishes with confirms.
+
+Used by the stage runtime and by the gateway (uploads, the job tracker, retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+    HeadersType,
+)
+from aiormq.exceptions import AMQPError
+
+from contracts import routing
+from contracts.errors import Transient
+from contracts.events import JobEvent
+from contracts.messages import Message
+from contracts.settings import Settings
+from contracts.topology import Topology, topology
+
+log = logging.getLogger(__name__)
+
+Publishable = Message | JobEvent
+
+
+class PublishRejected(Transient):
+    """The broker refused a message (queue full with `reject-publish`, or unroutable)."""
+
+    code = "pipeline_saturated"
+
+
+async def declare(channel: AbstractChannel, topo: Topology) -> dict[str, AbstractQueue]:
+    """Declare every exchange, queue and binding; safe to run from every process, every start."""
+    exchanges: dict[str, AbstractExchange] = {}
+    for spec in topo.exchanges:
+        exchanges[spec.name] = await channel.declare_exchange(spec.name, spec.type, durable=True)
+    queues: dict[str, AbstractQueue] = {}
+    for q in topo.queues:
+        queue = await channel.declare_queue(q.name, durable=True, arguments=dict(q.arguments))
+        for key in q.binding_keys:
+            assert q.exchange is not None
+            await queue.bind(exchanges[q.exchange], routing_key=key)
+        queues[q.name] = queue
+    return queues
+
+
+def amqp_message(
+    body: bytes,
+    *,
+    headers: HeadersType | None = None,
+    message_id: str | None = None,
+    type_: str | None = None,
+) -> aio_pika.Message:
+    """A persistent JSON message."""
+    return aio_pika.Message(
+        body,
+        headers=dict(headers or {}),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        type=type_,
+    )
+
+
+class Broker:
+    """A robust connection with one confirmed publishing channel and the topology declared."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topology = topology(settings)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self.publish_timeout_s = 10.0
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The live connection (after `connect`)."""
+        if self._connection is None:
+            raise RuntimeError("Broker.connect() was not called")
+        return self._connection
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is up right now (it reconnects by itself when lost)."""
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connect(self, *, wait_s: float = 60.0) -> None:
+        """Connect (waiting up to `wait_s` for the broker to answer) and declare the topology."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        delay = 0.5
+        while True:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self.settings.amqp_url, client_properties={"connection_name": "sluice"}
+                )
+                break
+            except (OSError, AMQPError) as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise Transient(
+                        f"RabbitMQ does not answer at {self.settings.amqp_url}: {exc}. "
+                        "Start it (scripts/ensure-rabbitmq.sh) or set SLUICE_AMQP_URL."
+                    ) from exc
+                log.warning("waiting for RabbitMQ at %s: %s", self.settings.amqp_url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        # on_return_raises: an unroutable message is an error, never silently dropped.
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await declare(self._channel, self.topology)
+        for spec in self.topology.exchanges:
+            self._exchanges[spec.name] = await self._channel.get_exchange(spec.name)
+
+    async def consumer_channel(self, prefetch: int) -> AbstractChannel:
+        """A channel for consuming, with per-consumer prefetch (quorum queues refuse global)."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def publish(self, model: Publishable, *, headers: HeadersType | None = None) -> None:
+        """Publish a message or job event to the main exchange and wait for the broker's confirm."""
+        await self.publish_raw(
+            routing.exchange(self.settings.namespace),
+            model.routing_key,
+            model.model_dump_json().encode(),
+            headers=headers,
+            message_id=_message_id(model),
+            type_=type(model).__name__,
+        )
+
+    async def publish_raw(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: HeadersType | None = None,
+        message_id: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        """Publish bytes to an exchange (`""` is the default exchange) with confirms."""
+        if self._channel is None:
+            raise RuntimeError("Broker.connect() was not called")
+        target = self._exchanges.get(exchange) or self._channel.default_exchange
+        message = amqp_message(body, headers=headers, message_id=message_id, type_=type_)
+        try:
+            # A publish never waits forever: while the broker is away, callers answer 503.
+            await target.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=self.publish_timeout_s
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishRejected(
+                f"RabbitMQ refused a message for {routing_key!r} ({exc}); "
+                "the pipeline is full or a queue is missing."
+            ) from exc
+        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
+            raise Transient(f"publishing to {routing_key!r} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connection; unacked deliveries go back to their queues."""
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _message_id(model: Publishable) -> str:
+    if isinstance(model, JobEvent):
+        return f"{model.job_id}.{model.stage}.{model.kind}.{model.batch_index}"
+    index, _, _ = model.unit()
+    return f"{model.job_id}.{model.routing_key}.{index}"
+
+
+def header_int(headers: Mapping[str, Any] | None, name: str, default: int) -> int:
+    """An integer header, tolerating absence and the types other clients send."""
+    value = (headers or {}).get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,6 @@
+"""The file-format layer: sniff a content type from bytes, and parse a file into text sections."""
+
+from stages.formats.parse import parse_document
+from stages.formats.sniff import sniff
+
+__all__ = ["parse_document", "sniff"]

@@ -1,0 +1,80 @@
+"""PDF text per page with pypdfium2, page numbers kept."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import threading
+
+import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
+
+from contracts.errors import Permanent
+from contracts.messages import Section
+from stages.formats.encoding import normalise_newlines
+
+# PDFium is not thread-safe and the parse stage runs parsers in worker threads.
+_PDFIUM_LOCK = threading.Lock()
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufffe\uffff]")
+_PASSWORD_ERRORS = frozenset({pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY})
+
+
+def parse_pdf(path: pathlib.Path) -> tuple[int, list[Section]]:
+    """(page count, one section per page that has text); `Permanent` for bad PDFs."""
+    with _PDFIUM_LOCK:
+        document = _open(path)
+        try:
+            page_count = len(document)
+            sections = [_page_section(document, index) for index in range(page_count)]
+        finally:
+            document.close()
+    kept = [section for section in sections if section.text.strip()]
+    if not kept:
+        raise Permanent(
+            f"The PDF has {page_count} page(s) but no extractable text, so it is probably a "
+            "scanned image; run it through OCR (e.g. ocrmypdf) and upload the result.",
+            code="no_text",
+        )
+    return page_count, kept
+
+
+def _open(path: pathlib.Path) -> pdfium.PdfDocument:
+    try:
+        return pdfium.PdfDocument(path)
+    except pdfium.PdfiumError as exc:
+        if exc.err_code in _PASSWORD_ERRORS:
+            raise Permanent(
+                "The PDF is password-protected; upload a decrypted copy.", code="encrypted_pdf"
+            ) from exc
+        raise Permanent(
+            f"The PDF could not be read ({str(exc).rstrip('.')}); it may be damaged or truncated. "
+            "Re-export or re-download it and upload it again.",
+            code="unreadable_pdf",
+        ) from exc
+
+
+def _page_section(document: pdfium.PdfDocument, index: int) -> Section:
+    try:
+        page = document[index]
+        try:
+            textpage = page.get_textpage()
+            try:
+                text: str = textpage.get_text_bounded()
+            finally:
+                textpage.close()
+        finally:
+            page.close()
+    except pdfium.PdfiumError as exc:
+        raise Permanent(
+            f"Page {index + 1} of the PDF could not be read ({str(exc).rstrip('.')}); the file "
+            "may be damaged. "
+            "Re-export it and upload it again.",
+            code="unreadable_pdf",
+        ) from exc
+    return Section(text=_clean(text), page=index + 1)
+
+
+def _clean(text: str) -> str:
+    # Text layers carry stray control characters that only add noise to embeddings.
+    text = _CONTROL.sub("", normalise_newlines(text))
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip()

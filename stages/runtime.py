@@ -1,0 +1,192 @@
+"""The stage runtime: consume, validate, call the handler, publish with confirms, then ack.
+
+How a delivery ends is decided here, once, for every stage:
+- handler returned → outputs published and confirmed → progress event → ack;
+- `Permanent` (or a message that does not validate) → copy to the dead-letter exchange with
+  the reason in headers → `failed` event → ack;
+- anything else → republished to the stage's retry tier for its attempt (a TTL queue that
+  dead-letters back), ack; after `max_attempts` it is dead-lettered as retryable.
+A worker that dies mid-message never acks it: RabbitMQ redelivers it, and the quorum queue's
+delivery limit dead-letters a message that keeps killing workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from contracts import events, routing
+from contracts.errors import Permanent, SluiceError
+from contracts.events import JobError
+from contracts.messages import Message
+from contracts.settings import Settings
+from contracts.topology import (
+    ATTEMPT_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    JOB_HEADER,
+    STAGE_HEADER,
+)
+from stages.broker import Broker, header_int
+from stages.dlq import now_header
+from stages.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+class StageRunner:
+    """Runs one stage's consumer until asked to stop, then drains in-flight work."""
+
+    def __init__(self, stage: Stage[Any, Any], ctx: Any, settings: Settings, broker: Broker):
+        self.stage = stage
+        self.ctx = ctx
+        self.settings = settings
+        self.broker = broker
+        self.queue_name = routing.stage_queue(settings.namespace, stage.name)
+        self._slots = asyncio.Semaphore(settings.tuning(stage.name).concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event, *, drain_timeout_s: float = 30.0) -> None:
+        """Consume until `stop` is set; then stop taking messages and finish those in hand."""
+        channel = await self.broker.consumer_channel(self.settings.tuning(self.stage.name).prefetch)
+        queue = await channel.get_queue(self.queue_name)
+        tag = await queue.consume(self._on_message)
+        log.info("stage %s consuming %s", self.stage.name, self.queue_name)
+        await stop.wait()
+        await queue.cancel(tag)
+        if self._in_flight:
+            log.info(
+                "stage %s finishing %d in-flight messages", self.stage.name, len(self._in_flight)
+            )
+            _, pending = await asyncio.wait(self._in_flight, timeout=drain_timeout_s)
+            # Unfinished work is not acked: closing the channel hands it back to the queue.
+            for task in pending:
+                task.cancel()
+        await channel.close()
+
+    async def _on_message(self, delivery: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            async with self._slots:
+                await self.process(delivery)
+        finally:
+            self._in_flight.discard(task)
+
+    async def process(self, delivery: AbstractIncomingMessage) -> None:
+        """Handle one delivery to its end: ack after success, retry, or dead-letter."""
+        attempt = header_int(delivery.headers, ATTEMPT_HEADER, 1)
+        try:
+            msg = self.stage.input.model_validate_json(delivery.body)
+        except ValidationError as exc:
+            error = Permanent(
+                f"{self.stage.name}: the message is not a valid {self.stage.input.__name__}: "
+                f"{_first_error(exc)}",
+                code="invalid_message",
+            )
+            await self._dead_letter(delivery, None, error, attempt, retryable=False)
+            return
+        if msg.unit()[0] == 0:
+            await self.broker.publish(events.started(self.stage.name, msg, attempt))
+        try:
+            outputs = await self.stage.handle(msg, self.ctx)
+            await asyncio.gather(*(self.broker.publish(out) for out in outputs))
+        except Permanent as exc:
+            await self._dead_letter(delivery, msg, exc, attempt, retryable=False)
+            return
+        except Exception as exc:
+            await self._retry_or_give_up(delivery, msg, exc, attempt)
+            return
+        await self.broker.publish(events.progress(self.stage.name, msg, outputs, attempt))
+        await delivery.ack()
+
+    async def _retry_or_give_up(
+        self, delivery: AbstractIncomingMessage, msg: Message, exc: Exception, attempt: int
+    ) -> None:
+        if attempt >= self.settings.max_attempts:
+            await self._dead_letter(delivery, msg, exc, attempt, retryable=True)
+            return
+        delays = self.settings.retry_delays_s
+        delay_s = delays[min(attempt - 1, len(delays) - 1)]
+        log.warning(
+            "%s: job %s attempt %d failed (%s); retrying in %ds",
+            self.stage.name,
+            msg.job_id,
+            attempt,
+            exc,
+            delay_s,
+        )
+        await self.broker.publish_raw(
+            "",
+            routing.retry_queue(self.settings.namespace, self.stage.name, delay_s),
+            delivery.body,
+            headers={**(delivery.headers or {}), ATTEMPT_HEADER: attempt + 1},
+            message_id=delivery.message_id,
+        )
+        await delivery.ack()
+
+    async def _dead_letter(
+        self,
+        delivery: AbstractIncomingMessage,
+        msg: Message | None,
+        exc: Exception,
+        attempt: int,
+        *,
+        retryable: bool,
+    ) -> None:
+        code = exc.code if isinstance(exc, SluiceError) else "internal_error"
+        reason = str(exc) or type(exc).__name__
+        job_id = msg.job_id if msg else _peek(delivery.body, "job_id")
+        log.error("%s: job %s failed permanently (%s): %s", self.stage.name, job_id, code, reason)
+        await self.broker.publish_raw(
+            routing.dead_letter_exchange(self.settings.namespace),
+            delivery.routing_key or self.stage.input.routing_key,
+            delivery.body,
+            headers={
+                **(delivery.headers or {}),
+                STAGE_HEADER: self.stage.name,
+                ERROR_CODE_HEADER: code,
+                ERROR_HEADER: reason[:1000],
+                ATTEMPT_HEADER: attempt,
+                JOB_HEADER: job_id or "",
+                **now_header(),
+            },
+            message_id=delivery.message_id,
+        )
+        error = JobError(stage=self.stage.name, code=code, message=reason, retryable=retryable)
+        if msg is not None:
+            await self.broker.publish(events.failed(self.stage.name, msg, error, attempt))
+        elif job_id and (document_id := _peek(delivery.body, "document_id")):
+            # The body is broken, but if it names its job, that job must still end `failed`.
+            await self.broker.publish(
+                events.JobEvent(
+                    job_id=job_id,
+                    document_id=document_id,
+                    stage=self.stage.name,
+                    kind="failed",
+                    attempt=attempt,
+                    error=error,
+                )
+            )
+        await delivery.ack()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def _peek(body: bytes, field: str) -> str | None:
+    """A string field of a JSON body that failed validation, if it has one."""
+    try:
+        value = json.loads(body).get(field)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -1,0 +1,138 @@
+"""Builders of real documents (PDF, DOCX, HTML, Markdown, Latin-1 text, PNG) for tests."""
+
+from __future__ import annotations
+
+import html
+import io
+import struct
+import zlib
+from datetime import UTC, datetime
+
+from docx import Document
+from fpdf import FPDF
+
+_NAV_LINKS = [
+    "Home",
+    "Products",
+    "Pricing",
+    "About us",
+    "Careers",
+    "Contact sales",
+    "Sign in",
+]
+
+
+def _new_pdf() -> FPDF:
+    pdf = FPDF()
+    # Fixed metadata keeps the bytes reproducible from run to run.
+    pdf.set_creation_date(datetime(2024, 1, 1, tzinfo=UTC))
+    pdf.set_font("Helvetica", size=12)
+    return pdf
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A real PDF with one page per string (latin-1 text, core font)."""
+    pdf = _new_pdf()
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 8, text)
+    return bytes(pdf.output())
+
+
+def make_image_only_pdf() -> bytes:
+    """A valid one-page PDF holding only drawn shapes, like a scan without OCR."""
+    pdf = _new_pdf()
+    pdf.add_page()
+    pdf.set_fill_color(40, 40, 40)
+    pdf.rect(20, 20, 120, 60, style="F")
+    pdf.ellipse(40, 100, 80, 50, style="F")
+    return bytes(pdf.output())
+
+
+def make_encrypted_pdf(text: str) -> bytes:
+    """A PDF that needs a user password to open."""
+    pdf = _new_pdf()
+    pdf.set_encryption(owner_password="owner-secret", user_password="user-secret")
+    pdf.add_page()
+    pdf.multi_cell(0, 8, text)
+    return bytes(pdf.output())
+
+
+def make_docx(paragraphs: list[str], table: list[list[str]], heading: str | None = None) -> bytes:
+    """A real .docx: optional Heading 1, the paragraphs, then a table of the given rows."""
+    doc = Document()
+    if heading is not None:
+        doc.add_heading(heading, level=1)
+    for text in paragraphs:
+        doc.add_paragraph(text)
+    if table:
+        width = max(len(row) for row in table)
+        grid = doc.add_table(rows=len(table), cols=width)
+        for r, row in enumerate(table):
+            for c, cell in enumerate(row):
+                grid.cell(r, c).text = cell
+    buffer = io.BytesIO()
+    doc.save(buffer)
+    return buffer.getvalue()
+
+
+def make_html(title: str, paragraphs: list[str]) -> bytes:
+    """A web page: nav, header, footer and script boilerplate around a <main><article>."""
+    nav = "".join(f'<li><a href="/{i}">{link}</a></li>' for i, link in enumerate(_NAV_LINKS))
+    body = "\n".join(f"      <p>{html.escape(p)}</p>" for p in paragraphs)
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>{html.escape(title)}</title>
+  <script>window.analyticsQueue = ["trackPageView"]; console.log("tracking pixel loaded");</script>
+  <style>body {{ font-family: sans-serif; }}</style>
+</head>
+<body>
+  <header><div class="brand">Acme Corporation Portal</div></header>
+  <nav><ul>{nav}</ul></nav>
+  <main>
+    <article>
+      <h1>{html.escape(title)}</h1>
+{body}
+    </article>
+  </main>
+  <footer><p>Copyright 2024 Acme Corporation. All rights reserved.</p>
+    <a href="/privacy">Privacy policy</a> <a href="/terms">Terms of service</a></footer>
+  <script>document.write("injected advertisement banner");</script>
+</body>
+</html>
+"""
+    return page.encode("utf-8")
+
+
+def make_markdown(title: str, sections: dict[str, str]) -> bytes:
+    """A Markdown document: a `# title` then one `## heading` per section."""
+    parts = [f"# {title}\n"]
+    for heading, text in sections.items():
+        parts.append(f"## {heading}\n\n{text}\n")
+    return "\n".join(parts).encode("utf-8")
+
+
+def make_latin1_text(text: str) -> bytes:
+    """Plain text encoded as Latin-1 (ISO-8859-1), not UTF-8."""
+    return text.encode("latin-1")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def make_png() -> bytes:
+    """A valid 2x2 RGB PNG written by hand."""
+    width, height = 2, 2
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    # Each scanline starts with filter byte 0 (none).
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
