@@ -53,7 +53,7 @@ class SentenceTransformerEmbedder:
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(model_dir or packaged_model_dir()), device=self.device)
-        self.dimensions = int(self.model.get_sentence_embedding_dimension() or 384)
+        self.dimensions = len(self.embed(["dimension probe"])[0])
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit-length vector per text, in order."""

@@ -1,0 +1,164 @@
+"""A real Sluice for tests: gateway and four stage processes, started as a user would
+(`sluice gateway`, `sluice stage NAME`), on the suite's broker, with their own namespace and
+data directory so runs never see each other's queues or files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from broker import BrokerHandle
+
+from contracts.messages import STAGES
+
+TERMINAL = {"indexed", "failed"}
+# Small limits make the limit paths cheap to test; retries fail fast.
+MAX_UPLOAD_BYTES = 1 << 20
+
+
+@dataclass
+class Pipeline:
+    """A running Sluice: where it answers and the environment its processes share."""
+
+    url: str
+    env: dict[str, str]
+    data_dir: Path
+    log_dir: Path
+    namespace: str
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    def logs(self) -> str:
+        """The tail of every process's log, for a failing test's report."""
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-30:]
+            parts.append(f"--- {path.name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def sluice_command() -> list[str]:
+    """The `sluice` console script of this environment."""
+    script = Path(sys.executable).parent / "sluice"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
+
+
+def _queue_consumers(broker: BrokerHandle, name: str) -> int:
+    user, password = _credentials(broker.amqp_url)
+    answer = httpx.get(
+        f"{broker.management_url}/api/queues/%2F/{name}", auth=(user, password), timeout=5
+    )
+    if answer.status_code != 200:
+        return 0
+    consumers: int = answer.json().get("consumers", 0)
+    return consumers
+
+
+def _credentials(amqp_url: str) -> tuple[str, str]:
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(amqp_url)
+    return unquote(parts.username or "guest"), unquote(parts.password or "guest")
+
+
+def _wait_ready(pipeline: Pipeline, broker: BrokerHandle, deadline_s: float = 120.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    queues = [f"{pipeline.namespace}.stage.{s}" for s in STAGES]
+    while time.monotonic() < deadline:
+        for name, process in pipeline.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}\n{pipeline.logs()}")
+        try:
+            ready = httpx.get(f"{pipeline.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready and all(_queue_consumers(broker, q) >= 1 for q in queues):
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"the pipeline did not become ready in {deadline_s}s\n{pipeline.logs()}")
+
+
+def start_pipeline(broker: BrokerHandle, root: Path, **settings: str) -> Pipeline:
+    """Start gateway and stages as real processes; returns once every stage consumes."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SLUICE_AMQP_URL": broker.amqp_url,
+        "SLUICE_NAMESPACE": namespace,
+        "SLUICE_DATA_DIR": str(root / "data"),
+        "SLUICE_HOST": "127.0.0.1",
+        "SLUICE_PORT": str(port),
+        "SLUICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "SLUICE_RETRY_DELAYS_S": "[1]",
+        "SLUICE_MAX_ATTEMPTS": "2",
+        **settings,
+    }
+    log_dir = root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    for name, args in [("gateway", ["gateway"]), *((s, ["stage", s]) for s in STAGES)]:
+        log = (log_dir / f"{name}.log").open("wb")
+        processes[name] = subprocess.Popen(
+            [*sluice_command(), *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    pipeline = Pipeline(
+        url=f"http://127.0.0.1:{port}",
+        env=env,
+        data_dir=root / "data",
+        log_dir=log_dir,
+        namespace=namespace,
+        processes=processes,
+    )
+    try:
+        _wait_ready(pipeline, broker)
+    except BaseException:
+        stop_pipeline(pipeline)
+        raise
+    return pipeline
+
+
+def stop_pipeline(pipeline: Pipeline) -> None:
+    """SIGTERM every process and wait; SIGKILL what does not stop in time."""
+    for process in pipeline.processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in pipeline.processes.values():
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_for_job(
+    client: httpx.AsyncClient, job_id: str, deadline_s: float = 180.0
+) -> dict[str, Any]:
+    """Follow a job's live event stream until it is indexed or failed (or the deadline)."""
+    last: dict[str, Any] = {}
+    async with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(deadline_s)
+    ) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                last = json.loads(line.removeprefix("data: "))
+                if last["status"] in TERMINAL:
+                    return last
+    raise AssertionError(f"the event stream of job {job_id} ended before the job did: {last}")
