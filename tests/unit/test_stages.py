@@ -36,7 +36,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def embed_ctx() -> embed.EmbedContext:
-    return embed.EmbedContext(embed.SentenceTransformerEmbedder(None, device="cpu", batch_size=16))
+    return embed.EmbedContext(SentenceTransformerEmbedder(None, device="cpu", batch_size=16))
 
 
 async def _parse(settings: Settings, data: bytes, content_type: str) -> DocumentParsed:
