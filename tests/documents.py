@@ -136,3 +136,47 @@ def make_png() -> bytes:
         + _png_chunk(b"IDAT", zlib.compress(rows))
         + _png_chunk(b"IEND", b"")
     )
+
+
+# A mixed corpus: one document of every supported type, each with a sentence to search for.
+PDF_PAGE_2 = "Arctic terns migrate from pole to pole every single year."
+DOCX_SENTENCE = "The quarterly audit found that warehouse inventory was overstated."
+DOCX_CELL = "Ferrous sulphate"
+HTML_SENTENCE = "The Fresnel lens made lighthouse beams visible for many nautical miles."
+MD_SENTENCE = "Sourdough needs a long cold fermentation to develop its flavour."
+LATIN1_SENTENCE = "La crème brûlée du café Müller était délicieuse à Zürich."
+
+
+def corpus() -> dict[str, bytes]:
+    """One real document of every supported type, each with a sentence to search for."""
+    return {
+        "report.pdf": make_pdf(
+            [
+                "Page one introduces the annual report of the bird society.",
+                PDF_PAGE_2,
+                "Page three lists the members of the board and their duties.",
+            ]
+        ),
+        "audit.docx": make_docx(
+            ["Summary of findings.", DOCX_SENTENCE, "Management accepted every recommendation."],
+            table=[["Item", "Count"], [DOCX_CELL, "120"], ["Zinc oxide", "75"]],
+            heading="Audit 2026",
+        ),
+        "lighthouses.html": make_html(
+            "Lighthouses",
+            [
+                "Lighthouses guided sailors along dangerous coasts for centuries.",
+                HTML_SENTENCE,
+                "Modern lighthouses are automated and rarely staffed by keepers.",
+                "Several old towers have become museums, hotels and holiday homes.",
+            ],
+        ),
+        "bread.md": make_markdown(
+            "Baking",
+            {
+                "Starter": "Feed the starter twice a day with flour and water.",
+                "Dough": MD_SENTENCE,
+            },
+        ),
+        "cafe.txt": make_latin1_text(LATIN1_SENTENCE + "\nLe service était rapide."),
+    }

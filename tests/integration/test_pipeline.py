@@ -8,57 +8,18 @@ from typing import Any
 
 import httpx
 from documents import (
-    make_docx,
-    make_html,
+    DOCX_CELL,
+    DOCX_SENTENCE,
+    HTML_SENTENCE,
+    LATIN1_SENTENCE,
+    MD_SENTENCE,
+    PDF_PAGE_2,
+    corpus,
     make_image_only_pdf,
-    make_latin1_text,
     make_markdown,
-    make_pdf,
     make_png,
 )
 from pipeline import MAX_UPLOAD_BYTES, Pipeline, wait_for_job
-
-PDF_PAGE_2 = "Arctic terns migrate from pole to pole every single year."
-DOCX_SENTENCE = "The quarterly audit found that warehouse inventory was overstated."
-DOCX_CELL = "Ferrous sulphate"
-HTML_SENTENCE = "The Fresnel lens made lighthouse beams visible for many nautical miles."
-MD_SENTENCE = "Sourdough needs a long cold fermentation to develop its flavour."
-LATIN1_SENTENCE = "La crème brûlée du café Müller était délicieuse à Zürich."
-
-
-def corpus() -> dict[str, bytes]:
-    """One real document of every supported type, each with a sentence to search for."""
-    return {
-        "report.pdf": make_pdf(
-            [
-                "Page one introduces the annual report of the bird society.",
-                PDF_PAGE_2,
-                "Page three lists the members of the board and their duties.",
-            ]
-        ),
-        "audit.docx": make_docx(
-            ["Summary of findings.", DOCX_SENTENCE, "Management accepted every recommendation."],
-            table=[["Item", "Count"], [DOCX_CELL, "120"], ["Zinc oxide", "75"]],
-            heading="Audit 2026",
-        ),
-        "lighthouses.html": make_html(
-            "Lighthouses",
-            [
-                "Lighthouses guided sailors along dangerous coasts for centuries.",
-                HTML_SENTENCE,
-                "Modern lighthouses are automated and rarely staffed by keepers.",
-                "Several old towers have become museums, hotels and holiday homes.",
-            ],
-        ),
-        "bread.md": make_markdown(
-            "Baking",
-            {
-                "Starter": "Feed the starter twice a day with flour and water.",
-                "Dough": MD_SENTENCE,
-            },
-        ),
-        "cafe.txt": make_latin1_text(LATIN1_SENTENCE + "\nLe service était rapide."),
-    }
 
 
 async def upload(

@@ -1,0 +1,1 @@
+"""The HTTP upload gateway and the `sluice` command line."""
