@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -54,7 +56,6 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = Broker(settings)
-        await broker.connect()
         services = Services(
             settings=settings,
             store=SqliteJobStore(settings.job_db_path),
@@ -63,11 +64,20 @@ def create_app(settings: Settings) -> FastAPI:
             broker=broker,
         )
         app.state.services = services
-        await Tracker(broker, services.store, services.changes).start()
-        log.info("gateway ready on http://%s:%d", settings.host, settings.port)
+
+        async def connect_and_track() -> None:
+            await broker.connect(wait_s=math.inf)
+            await Tracker(broker, services.store, services.changes).start()
+            log.info("gateway connected to RabbitMQ and tracking jobs")
+
+        # The gateway serves (and answers 503 to uploads) while the broker is away, so it
+        # starts without one; /readyz says when it is ready.
+        connecting = asyncio.create_task(connect_and_track())
+        log.info("gateway listening on http://%s:%d", settings.host, settings.port)
         try:
             yield
         finally:
+            connecting.cancel()
             await broker.close()
 
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan)

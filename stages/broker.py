@@ -92,7 +92,11 @@ class Broker:
     @property
     def is_connected(self) -> bool:
         """Whether the connection is up right now (it reconnects by itself when lost)."""
-        return self._connection is not None and not self._connection.is_closed
+        return (
+            self._connection is not None
+            and self._channel is not None
+            and not self._connection.is_closed
+        )
 
     async def connect(self, *, wait_s: float = 60.0) -> None:
         """Connect (waiting up to `wait_s` for the broker to answer) and declare the topology."""

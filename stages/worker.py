@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from contracts.messages import StageName
 from contracts.settings import Settings
@@ -33,10 +35,24 @@ async def serve_stage(
     stage = load_stage(name)
     ctx = await stage.startup(settings)
     broker = Broker(settings)
-    await broker.connect()
     try:
-        await StageRunner(stage, ctx, settings, broker).run(stop)
+        if await until_stopped(broker.connect(), stop):
+            await StageRunner(stage, ctx, settings, broker).run(stop)
     finally:
         await broker.close()
         await stage.shutdown(ctx)
         log.info("stage %s stopped", name)
+
+
+async def until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` comes first (a signal while waiting for the broker);
+    returns whether the work finished."""
+    task = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        return False
+    task.result()
+    return True
