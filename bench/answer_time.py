@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 
-# The script runs from bench/, so the repo root (for tests/documents.py) is not on the path.
+# The document builders live with the tests, imported as the tests import them.
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.documents import make_docx, make_html, make_markdown, make_pdf  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from documents import make_docx, make_html, make_markdown, make_pdf  # noqa: E402
 
 Job = dict[str, Any]
 TERMINAL = {"indexed", "failed"}

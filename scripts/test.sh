@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything CI runs: install, lint, format check, type check, tests (extra args go to pytest).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+run_step() {
+  local name=$1
+  shift
+  local start=$SECONDS
+  echo "==> $name"
+  if "$@"; then
+    echo "==> $name ok ($((SECONDS - start))s)"
+  else
+    local rc=$?
+    echo "==> FAILED: $name (exit $rc, after $((SECONDS - start))s)" >&2
+    exit "$rc"
+  fi
+}
+
+# Tests start their own private RabbitMQ node, so they need the server binaries, not a
+# running service. amqp-tools gives the fault tests a second, independent client.
+ensure_packages() {
+  local missing=()
+  command -v rabbitmqctl >/dev/null || [[ -x /usr/sbin/rabbitmqctl ]] || missing+=(rabbitmq-server)
+  command -v amqp-publish >/dev/null || missing+=(amqp-tools)
+  ((${#missing[@]} == 0)) && return 0
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+  fi
+  echo "installing ${missing[*]} (apt)"
+  "${sudo[@]}" apt-get update -qq || return 1
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
+
+run_step "install" bash scripts/install.sh
+run_step "system packages" ensure_packages
+run_step "ruff check" .venv/bin/ruff check .
+run_step "ruff format --check" .venv/bin/ruff format --check .
+run_step "mypy" .venv/bin/mypy
+run_step "pytest" .venv/bin/pytest "$@"
+echo "==> all steps passed"

@@ -1,0 +1,32 @@
+"""Suite-wide fixtures: the RabbitMQ broker every integration test talks to.
+
+By default the suite starts its own private node (see tests/broker.py) so tests never touch a
+broker someone else uses; set SLUICE_TEST_AMQP_URL to run against an existing broker instead
+(tests that restart or kill the broker then fail with a clear message).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from broker import BrokerHandle, ExternalBroker, PrivateBroker
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerHandle]:
+    """A running RabbitMQ for the whole test session."""
+    external_url = os.environ.get("SLUICE_TEST_AMQP_URL")
+    if external_url:
+        host = urlsplit(external_url).hostname or "localhost"
+        management_url = os.environ.get("SLUICE_TEST_MANAGEMENT_URL", f"http://{host}:15672")
+        yield ExternalBroker(amqp_url=external_url, management_url=management_url.rstrip("/"))
+        return
+    private = PrivateBroker()
+    try:
+        private.start()
+        yield private
+    finally:
+        private.close()
