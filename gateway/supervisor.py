@@ -84,17 +84,22 @@ class Supervisor:
 
     def log(self, name: str, line: str) -> None:
         """Write one line under a child's (or the supervisor's) prefix."""
-        self._out.write(self._prefix[name] + line + "\n")
-        self._out.flush()
+        try:
+            self._out.write(self._prefix[name] + line + "\n")
+            self._out.flush()
+        except (BrokenPipeError, ValueError):
+            # Whoever read our output (`| tee`, a closed terminal) is gone; supervising
+            # must go on, and stopping above all must not depend on being heard.
+            pass
 
     def stop(self) -> None:
         """Begin a graceful stop; a second call kills the stragglers at once."""
         if self._stopping.is_set():
-            self.log(_SELF, "killing every process now")
             self._force.set()
+            self.log(_SELF, "killing every process now")
             return
-        self.log(_SELF, f"stopping (up to {self._stop_timeout_s:g}s; Ctrl-C again to kill now)")
         self._stopping.set()
+        self.log(_SELF, f"stopping (up to {self._stop_timeout_s:g}s; Ctrl-C again to kill now)")
 
     async def run(self) -> int:
         """Supervise until `stop()`; returns 0 once every child is gone."""

@@ -463,3 +463,38 @@ def test_a_second_signal_kills_stubborn_children_at_once(tmp_path: Path) -> None
     assert supervisor.returncode == 0, output
     assert "killing stubborn as asked" in output
     assert not any(_alive(pid) for pid in _pids(tmp_path / "stubborn.pids"))
+
+
+def test_stopping_does_not_depend_on_the_output_reader(tmp_path: Path) -> None:
+    """`sluice up | tee log` then Ctrl-C: tee dies first; the supervisor must still stop all."""
+    (tmp_path / "steady.py").write_text(
+        textwrap.dedent(f"""
+        import os, time
+        with open({str(tmp_path / "steady.pids")!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        while True:
+            print("still here", flush=True)
+            time.sleep(0.05)
+        """)
+    )
+    driver = textwrap.dedent(f"""
+        import sys
+        from gateway.supervisor import ChildSpec, run_supervisor
+        child = ChildSpec("steady", (sys.executable, {str(tmp_path / "steady.py")!r}))
+        sys.exit(run_supervisor([child], stop_timeout_s=10.0))
+        """)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", driver], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert supervisor.stdout is not None
+        lines = iter(supervisor.stdout.readline, "")
+        assert any("still here" in line for line, _ in zip(lines, range(20), strict=False))
+        supervisor.stdout.close()  # the reader goes away, as tee does on Ctrl-C
+        supervisor.send_signal(signal.SIGINT)
+        supervisor.wait(timeout=15)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+    assert supervisor.returncode == 0
+    assert not any(_alive(pid) for pid in _pids(tmp_path / "steady.pids"))
