@@ -335,8 +335,13 @@ class SqliteJobStore:
                 " WHERE job_id = ? AND stage = ?",
                 (event.at.isoformat(), event.job_id, event.stage),
             )
-            if event.stage == STAGES[-1] and status not in TERMINAL:
-                return "indexed"
+            if status not in TERMINAL:
+                # A finished stage hands the job to the next one: it waits there, and saying
+                # "chunking" for a document already chunked would mislead.
+                position = STAGES.index(event.stage)
+                if position == len(STAGES) - 1:
+                    return "indexed"
+                return _later(status, STATUS_OF_STAGE[STAGES[position + 1]])
         return status
 
     def reopen(self, job_id: str) -> Job | None:
