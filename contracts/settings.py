@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 104_857_600
+    # `key` (every collection) or `key:coll1|coll2`, comma-separated; unset means no auth.
     api_keys: str | None = None
 
     # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
@@ -55,6 +56,27 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(100_000, ge=1)
     retry_delays_s: tuple[int, ...] = (1, 10, 60)
     max_attempts: int = Field(5, ge=1)
+
+    # Hostile input: every limit breached fails the document with its own error code.
+    parse_timeout_s: float = Field(120.0, gt=0)
+    parse_memory_mb: int = Field(2048, ge=64)
+    max_pdf_pages: int = Field(2000, ge=1)
+    max_docx_uncompressed_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_html_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_text_chars: int = Field(20_000_000, ge=1)
+
+    # An OpenAI-compatible embeddings endpoint instead of the in-process model.
+    embed_url: str | None = None
+    embed_api_key: str | None = None
+    embed_model_name: str = "all-MiniLM-L6-v2"
+    embed_timeout_s: float = Field(30.0, gt=0)
+
+    # Short in-process retries for a transient error before the message goes to a retry tier.
+    transient_retries: int = Field(2, ge=0)
+    # A job with no event for this long is flagged `stalled`.
+    stalled_after_s: float = Field(600.0, gt=0)
+    # Without API keys the gateway only listens on loopback, unless this says otherwise.
+    allow_open: bool = False
 
     def tuning(self, stage: StageName) -> StageTuning:
         """Prefetch and concurrency for one stage."""
