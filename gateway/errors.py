@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from contracts.errors import Permanent, Transient
+
 
 class ApiError(Exception):
     """An answer other than success: HTTP status, stable code, a sentence for a person."""
@@ -44,6 +46,15 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Transient)
+    async def _transient(request: Request, exc: Transient) -> JSONResponse:
+        # A dependency (broker, embedding endpoint, store) is briefly away: say so, and when.
+        return error_response(503, exc.code, str(exc), retry_after_s=5)
+
+    @app.exception_handler(Permanent)
+    async def _permanent(request: Request, exc: Permanent) -> JSONResponse:
+        return error_response(400, exc.code, str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

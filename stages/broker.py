@@ -92,9 +92,11 @@ class Broker:
     @property
     def is_connected(self) -> bool:
         """Whether the connection is up right now (it reconnects by itself when lost)."""
+        # A robust connection is not "closed" while it reconnects; `connected` says if it is up.
         return (
             self._connection is not None
             and self._channel is not None
+            and self._connection.connected.is_set()
             and not self._connection.is_closed
         )
 

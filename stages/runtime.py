@@ -4,24 +4,35 @@ How a delivery ends is decided here, once, for every stage:
 - handler returned → outputs published and confirmed → progress event → ack;
 - `Permanent` (or a message that does not validate) → copy to the dead-letter exchange with
   the reason in headers → `failed` event → ack;
-- anything else → republished to the stage's retry tier for its attempt (a TTL queue that
-  dead-letters back), ack; after `max_attempts` it is dead-lettered as retryable.
-A worker that dies mid-message never acks it: RabbitMQ redelivers it, and the quorum queue's
-delivery limit dead-letters a message that keeps killing workers.
+- `Transient` → a few short in-process retries first (jittered, never long enough to hold a
+  message near the consumer timeout);
+- anything still failing → republished to the stage's retry tier for its attempt (a TTL queue
+  that dead-letters back), ack; after `max_attempts` it is dead-lettered as retryable.
+A worker that dies mid-message never acks it: RabbitMQ redelivers it with `x-delivery-count`.
+One that has been delivered `delivery_limit` times already is set aside as `worker_crashed`
+before it can kill another worker; the quorum queue's own delivery limit is the backstop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from contracts import events, routing
-from contracts.errors import Permanent, SluiceError
+from contracts.errors import Permanent, SluiceError, Transient
 from contracts.events import JobError
 from contracts.messages import Message
 from contracts.settings import Settings
@@ -32,11 +43,13 @@ from contracts.topology import (
     JOB_HEADER,
     STAGE_HEADER,
 )
-from stages.broker import Broker, header_int
+from stages.broker import Broker, PublishRejected, header_int
 from stages.dlq import now_header
 from stages.stage import Stage
 
 log = logging.getLogger(__name__)
+# Set by quorum queues on redelivery: how often the message was handed out and not settled.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 class StageRunner:
@@ -76,6 +89,12 @@ class StageRunner:
         try:
             async with self._slots:
                 await self.process(delivery)
+        except Exception:
+            # Nothing could be published (the broker went away mid-message): leave the message
+            # unacked so RabbitMQ delivers it again; redelivered work is idempotent.
+            log.exception("%s: could not finish a message; it will be redelivered", self.stage.name)
+            with contextlib.suppress(Exception):
+                await delivery.nack(requeue=True)
         finally:
             self._in_flight.discard(task)
 
@@ -92,19 +111,49 @@ class StageRunner:
             )
             await self._dead_letter(delivery, None, error, attempt, retryable=False)
             return
+        deliveries = header_int(delivery.headers, DELIVERY_COUNT_HEADER, 0)
+        if deliveries >= self.settings.delivery_limit:
+            crashed = Permanent(
+                f"{self.stage.name}: {msg.filename} was in hand {deliveries} times when its "
+                "worker died; it is set aside so the stage keeps serving other documents. "
+                "Find the cause in the stage's log, then replay it (sluice dlq replay).",
+                code="worker_crashed",
+            )
+            await self._dead_letter(delivery, msg, crashed, attempt, retryable=False)
+            return
         if msg.unit()[0] == 0:
             await self.broker.publish(events.started(self.stage.name, msg, attempt))
         try:
-            outputs = await self.stage.handle(msg, self.ctx)
-            await asyncio.gather(*(self.broker.publish(out) for out in outputs))
+            outputs = await self._handle(msg)
         except Permanent as exc:
             await self._dead_letter(delivery, msg, exc, attempt, retryable=False)
             return
         except Exception as exc:
             await self._retry_or_give_up(delivery, msg, exc, attempt)
             return
+        try:
+            await asyncio.gather(*(self.broker.publish(out) for out in outputs))
+        except PublishRejected:
+            # The next stage's queue is full: that is backpressure, not a failure of this
+            # message, so it waits in the first retry tier without spending an attempt.
+            await self._retry_later(delivery, attempt, self.settings.retry_delays_s[0])
+            return
         await self.broker.publish(events.progress(self.stage.name, msg, outputs, attempt))
         await delivery.ack()
+
+    async def _handle(self, msg: Message) -> Sequence[Message]:
+        """The stage's handler, with short jittered retries of transient errors in-process."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Transient),
+            stop=stop_after_attempt(self.settings.transient_retries + 1),
+            wait=wait_random_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        )
+        outputs: Sequence[Message] = []
+        async for attempt in retrying:
+            with attempt:
+                outputs = await self.stage.handle(msg, self.ctx)
+        return outputs
 
     async def _retry_or_give_up(
         self, delivery: AbstractIncomingMessage, msg: Message, exc: Exception, attempt: int
@@ -122,11 +171,17 @@ class StageRunner:
             exc,
             delay_s,
         )
+        await self._retry_later(delivery, attempt + 1, delay_s)
+
+    async def _retry_later(
+        self, delivery: AbstractIncomingMessage, attempt: int, delay_s: int
+    ) -> None:
+        """Park the message in a retry tier (a TTL queue that hands it back), then ack it."""
         await self.broker.publish_raw(
             "",
             routing.retry_queue(self.settings.namespace, self.stage.name, delay_s),
             delivery.body,
-            headers={**(delivery.headers or {}), ATTEMPT_HEADER: attempt + 1},
+            headers={**(delivery.headers or {}), ATTEMPT_HEADER: attempt},
             message_id=delivery.message_id,
         )
         await delivery.ack()

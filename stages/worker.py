@@ -13,7 +13,7 @@ from contracts.settings import Settings
 from stages.broker import Broker
 from stages.logs import configure_logging
 from stages.runtime import StageRunner
-from stages.stage import load_stage
+from stages.stage import Stage, load_stage
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +21,18 @@ log = logging.getLogger(__name__)
 def run_stage(name: StageName, settings: Settings) -> None:
     """Run one stage in the foreground; returns after a clean drain on SIGTERM/SIGINT."""
     configure_logging(f"sluice-{name}")
-    asyncio.run(serve_stage(name, settings))
+    asyncio.run(serve(load_stage(name), settings))
 
 
-async def serve_stage(
-    name: StageName, settings: Settings, stop: asyncio.Event | None = None
+async def serve(
+    stage: Stage[Any, Any], settings: Settings, stop: asyncio.Event | None = None
 ) -> None:
     """Start the stage's resources and consumer; stop when `stop` is set or a signal arrives."""
+    name = stage.name
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stage = load_stage(name)
     ctx = await stage.startup(settings)
     broker = Broker(settings)
     try:

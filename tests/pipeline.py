@@ -12,14 +12,16 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 from broker import BrokerHandle
 
 from contracts.messages import STAGES
+from contracts.settings import Settings
 
 TERMINAL = {"indexed", "failed"}
 # Small limits make the limit paths cheap to test; retries fail fast.
@@ -35,7 +37,26 @@ class Pipeline:
     data_dir: Path
     log_dir: Path
     namespace: str
-    processes: dict[str, subprocess.Popen[bytes]]
+    commands: dict[str, list[str]]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str) -> None:
+        """Start (or start again) one process; its output is appended to its log."""
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            self.commands[name], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def settings(self) -> Settings:
+        """The settings every process of this pipeline runs with, read as they read them."""
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            return Settings()
+
+    def kill(self, name: str) -> None:
+        """`kill -9` one process, as the OOM killer or a segfault would."""
+        process = self.processes[name]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
 
     def logs(self) -> str:
         """The tail of every process's log, for a failing test's report."""
@@ -94,8 +115,16 @@ def _wait_ready(pipeline: Pipeline, broker: BrokerHandle, deadline_s: float = 12
     raise RuntimeError(f"the pipeline did not become ready in {deadline_s}s\n{pipeline.logs()}")
 
 
-def start_pipeline(broker: BrokerHandle, root: Path, **settings: str) -> Pipeline:
-    """Start gateway and stages as real processes; returns once every stage consumes."""
+def start_pipeline(
+    broker: BrokerHandle,
+    root: Path,
+    commands: dict[str, list[str]] | None = None,
+    **settings: str,
+) -> Pipeline:
+    """Start gateway and stages as real processes; returns once every stage consumes.
+
+    `commands` replaces the command of a process by name (a test double of one stage).
+    """
     namespace = f"t{uuid.uuid4().hex[:8]}"
     port = _free_port()
     env = {
@@ -112,20 +141,18 @@ def start_pipeline(broker: BrokerHandle, root: Path, **settings: str) -> Pipelin
     }
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    for name, args in [("gateway", ["gateway"]), *((s, ["stage", s]) for s in STAGES)]:
-        log = (log_dir / f"{name}.log").open("wb")
-        processes[name] = subprocess.Popen(
-            [*sluice_command(), *args], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    programs: dict[str, list[str]] = {"gateway": [*sluice_command(), "gateway"]}
+    programs |= {stage: [*sluice_command(), "stage", stage] for stage in STAGES}
     pipeline = Pipeline(
         url=f"http://127.0.0.1:{port}",
         env=env,
         data_dir=root / "data",
         log_dir=log_dir,
         namespace=namespace,
-        processes=processes,
+        commands={**programs, **(commands or {})},
     )
+    for name in pipeline.commands:
+        pipeline.start(name)
     try:
         _wait_ready(pipeline, broker)
     except BaseException:

@@ -56,6 +56,10 @@ class VectorIndex(Protocol):
         """The `k` chunks nearest to `vector`, best first."""
         ...
 
+    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any)."""
+        ...
+
 
 def _schema(dimensions: int) -> pa.Schema:
     return pa.schema(
@@ -158,6 +162,20 @@ class LanceIndex:
         if table is not None:
             with self._write_lock:
                 table.delete(f"document_id = {_quote(document_id)}")
+
+    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any)."""
+        table = self._table(collection)
+        if table is None:
+            return []
+        rows = (
+            table.search()
+            .where(f"document_id = {_quote(document_id)}")
+            .select(["chunk_id"])
+            .limit(None)
+            .to_list()
+        )
+        return [str(r["chunk_id"]) for r in rows]
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[SearchHit]:
         """The `k` chunks nearest to `vector`, best first (score is cosine similarity)."""

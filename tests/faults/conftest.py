@@ -1,0 +1,101 @@
+"""Fixtures for fault tests: a fresh pipeline per test (own namespace, own data), and helpers
+to drive it into trouble."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from broker import BrokerHandle
+from documents import make_pdf
+from pipeline import Pipeline, start_pipeline, stop_pipeline
+
+PipelineFactory = Callable[..., Pipeline]
+_WORDS = [
+    "harbor",
+    "lantern",
+    "glacier",
+    "copper",
+    "meadow",
+    "signal",
+    "orbit",
+    "falcon",
+    "ledger",
+    "canyon",
+    "thread",
+    "market",
+    "winter",
+    "garden",
+    "stone",
+    "river",
+    "violet",
+    "anchor",
+    "pepper",
+    "beacon",
+    "summit",
+    "willow",
+    "ember",
+    "quartz",
+]
+
+
+@pytest.fixture
+def pipelines(broker: BrokerHandle, tmp_path: Path) -> Iterator[PipelineFactory]:
+    """Start pipelines for this test (on the suite's broker unless given one); all stop after."""
+    started: list[Pipeline] = []
+
+    def start(
+        on: BrokerHandle | None = None,
+        commands: dict[str, list[str]] | None = None,
+        **settings: str,
+    ) -> Pipeline:
+        running = start_pipeline(
+            on or broker, tmp_path / f"pipeline-{len(started)}", commands, **settings
+        )
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        stop_pipeline(running)
+
+
+def distinct_pdfs(count: int, pages: int, seed: int = 0) -> dict[str, bytes]:
+    """`count` different PDFs of `pages` pages of prose-like text (never duplicates)."""
+    documents = {}
+    for n in range(count):
+        rng = random.Random(seed * 1000 + n)
+        text = [" ".join(rng.choice(_WORDS) for _ in range(300)) for _ in range(pages)]
+        documents[f"volume-{n:02d}.pdf"] = make_pdf(text)
+    return documents
+
+
+async def upload(
+    api: httpx.AsyncClient, name: str, data: bytes, collection: str = "default"
+) -> httpx.Response:
+    """POST one file."""
+    return await api.post(
+        "/v1/documents", files={"file": (name, data)}, data={"collection": collection}
+    )
+
+
+async def wait_until(
+    api: httpx.AsyncClient,
+    job_ids: list[str],
+    test: Callable[[dict[str, Any]], bool],
+    deadline_s: float = 120.0,
+) -> None:
+    """Wait (on job status, with a deadline) until any of the jobs satisfies `test`."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        jobs = await asyncio.gather(*(api.get(f"/v1/jobs/{job_id}") for job_id in job_ids))
+        if any(test(job.json()) for job in jobs):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no job reached the awaited state in {deadline_s}s")
