@@ -1,4 +1,4 @@
-"""Embed: chunk batches → normalised vectors from all-MiniLM-L6-v2."""
+"""Embed: chunk batches → normalised vectors (all-MiniLM-L6-v2 in-process, or an endpoint)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,20 @@ from dataclasses import dataclass
 
 from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
 from contracts.settings import Settings
-from stages.backends.embedder import Embedder, SentenceTransformerEmbedder
+from stages.backends.embedder import Embedder, make_embedder
 from stages.stage import Stage
 
 
 @dataclass(frozen=True)
 class EmbedContext:
-    """What the embed stage needs: the model, loaded once."""
+    """What the embed stage needs: the embedder, built once."""
 
     embedder: Embedder
 
 
 async def startup(settings: Settings) -> EmbedContext:
-    """Load the embedding model."""
-    embedder = await asyncio.to_thread(
-        SentenceTransformerEmbedder,
-        settings.model_dir,
-        settings.embed_device,
-        settings.embed_batch_size,
-    )
-    return EmbedContext(embedder)
+    """Build the embedder the settings choose (loading a local model takes a while)."""
+    return EmbedContext(await asyncio.to_thread(make_embedder, settings))
 
 
 def embedding_text(heading: str | None, text: str) -> str:

