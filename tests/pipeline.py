@@ -80,7 +80,8 @@ def sluice_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
-def _queue_consumers(broker: BrokerHandle, name: str) -> int:
+def queue_consumers(broker: BrokerHandle, name: str) -> int:
+    """How many consumers a queue has, from the management API."""
     user, password = _credentials(broker.amqp_url)
     answer = httpx.get(
         f"{broker.management_url}/api/queues/%2F/{name}", auth=(user, password), timeout=5
@@ -109,22 +110,24 @@ def _wait_ready(pipeline: Pipeline, broker: BrokerHandle, deadline_s: float = 12
             ready = httpx.get(f"{pipeline.url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             ready = False
-        if ready and all(_queue_consumers(broker, q) >= 1 for q in queues):
+        if ready and all(queue_consumers(broker, q) >= 1 for q in queues):
             return
         time.sleep(0.25)
     raise RuntimeError(f"the pipeline did not become ready in {deadline_s}s\n{pipeline.logs()}")
 
 
-def start_pipeline(
+def start_pipeline(broker: BrokerHandle, root: Path, **settings: str) -> Pipeline:
+    """Start gateway and stages as real processes; returns once every stage consumes."""
+    return launch(broker, root, settings)
+
+
+def launch(
     broker: BrokerHandle,
     root: Path,
+    settings: dict[str, str],
     commands: dict[str, list[str]] | None = None,
-    **settings: str,
 ) -> Pipeline:
-    """Start gateway and stages as real processes; returns once every stage consumes.
-
-    `commands` replaces the command of a process by name (a test double of one stage).
-    """
+    """`start_pipeline`, where `commands` may replace a process (a test double of a stage)."""
     namespace = f"t{uuid.uuid4().hex[:8]}"
     port = _free_port()
     env = {

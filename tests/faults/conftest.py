@@ -14,7 +14,7 @@ import httpx
 import pytest
 from broker import BrokerHandle
 from documents import make_pdf
-from pipeline import Pipeline, start_pipeline, stop_pipeline
+from pipeline import Pipeline, launch, stop_pipeline
 
 PipelineFactory = Callable[..., Pipeline]
 _WORDS = [
@@ -55,9 +55,7 @@ def pipelines(broker: BrokerHandle, tmp_path: Path) -> Iterator[PipelineFactory]
         commands: dict[str, list[str]] | None = None,
         **settings: str,
     ) -> Pipeline:
-        running = start_pipeline(
-            on or broker, tmp_path / f"pipeline-{len(started)}", commands, **settings
-        )
+        running = launch(on or broker, tmp_path / f"pipeline-{len(started)}", settings, commands)
         started.append(running)
         return running
 

@@ -1,0 +1,66 @@
+"""RabbitMQ restarts mid-run: uploads in the outage get 503, everything accepted is indexed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from broker import PrivateBroker
+from documents import make_markdown
+from invariants import assert_nothing_lost
+from pipeline import queue_consumers, wait_for_job
+
+from contracts import routing
+from contracts.messages import STAGES
+from faults.conftest import PipelineFactory, distinct_pdfs, upload, wait_until
+
+
+@pytest.fixture
+async def own_broker() -> AsyncIterator[PrivateBroker]:
+    """A node of this test's own: restarting it must not disturb other tests."""
+    broker = PrivateBroker()
+    await asyncio.to_thread(broker.start)
+    try:
+        yield broker
+    finally:
+        await asyncio.to_thread(broker.close)
+
+
+async def test_broker_restart_mid_run_loses_nothing(
+    own_broker: PrivateBroker, pipelines: PipelineFactory
+) -> None:
+    pipeline = pipelines(on=own_broker)
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
+        answers = await asyncio.gather(
+            *(upload(api, n, d) for n, d in distinct_pdfs(10, pages=6, seed=2).items())
+        )
+        job_ids = [a.json()["job_id"] for a in answers]
+        await wait_until(api, job_ids, lambda job: job["status"] in ("embedding", "indexing"))
+
+        await asyncio.to_thread(own_broker.stop)
+        during = await upload(api, "during.md", make_markdown("Outage", {"A": "Sent late."}))
+        assert during.status_code == 503, during.text
+        assert during.json()["error"]["code"] == "broker_unavailable"
+        assert int(during.headers["retry-after"]) > 0
+        assert (await api.get("/readyz")).status_code == 503
+
+        await asyncio.to_thread(own_broker.start)
+        # Every process reconnects by itself, and every stage consumes again.
+        deadline = time.monotonic() + 90
+        queues = [routing.stage_queue(pipeline.namespace, stage) for stage in STAGES]
+        while not (
+            (await api.get("/readyz")).status_code == 200
+            and all(queue_consumers(own_broker, q) >= 1 for q in queues)
+        ):
+            assert time.monotonic() < deadline, "consumers did not come back after the restart"
+            await asyncio.sleep(0.25)
+
+        after = await upload(api, "after.md", make_markdown("Back", {"A": "Sent after."}))
+        assert after.status_code == 202, after.text
+        job_ids.append(after.json()["job_id"])
+        jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
+        assert [job["status"] for job in jobs] == ["indexed"] * len(job_ids), jobs
+        await assert_nothing_lost(pipeline, api, job_ids)
