@@ -14,8 +14,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from contracts.settings import Settings
 from gateway import errors
 from gateway.jobs import SqliteJobStore
-from gateway.routes import documents, jobs, ops, search
-from gateway.services import Services
+from gateway.routes import dead_letters, documents, jobs, ops, search
+from gateway.services import Services, refuse_open_exposure
 from gateway.tracker import Tracker
 from stages.backends.blobs import LocalBlobStore
 from stages.backends.vectors import LanceIndex
@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
         broker = Broker(settings)
         services = Services(
             settings=settings,
-            store=SqliteJobStore(settings.job_db_path),
+            store=SqliteJobStore(settings.job_db_path, stalled_after_s=settings.stalled_after_s),
             blobs=LocalBlobStore(settings.blob_dir),
             index=LanceIndex(settings.index_dir),
             broker=broker,
@@ -83,15 +83,20 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan)
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
-    for module in (documents, jobs, search, ops):
+    for module in (documents, jobs, dead_letters, search, ops):
         app.include_router(module.router)
     return app
 
 
 def serve(settings: Settings) -> None:
-    """Run the gateway in the foreground until SIGINT/SIGTERM."""
+    """Run the gateway in the foreground until SIGINT/SIGTERM.
+
+    Raises a usage error (exit 2 from the CLI) for malformed API keys, or for a listen address
+    beyond loopback without keys unless `SLUICE_ALLOW_OPEN` says the network is trusted.
+    """
     import uvicorn
 
+    refuse_open_exposure(settings)
     configure_logging("sluice-gateway")
     uvicorn.run(
         create_app(settings),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from contracts.errors import SluiceError
 from contracts.messages import STAGES
+from gateway import dlq_cli
 
 if TYPE_CHECKING:
     from contracts.settings import Settings
@@ -72,7 +73,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.no_gateway and not chosen:
         raise UsageError("nothing to run: --no-gateway and no stages")
     # Fail here, once, rather than in every child in a restart loop.
-    _settings()
+    settings = _settings()
+    if not args.no_gateway:
+        from gateway.services import refuse_open_exposure
+
+        refuse_open_exposure(settings)
     return run_supervisor(default_children(chosen, gateway=not args.no_gateway))
 
 
@@ -128,7 +133,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         async with SluiceClient(args.url or _default_url(), args.api_key) as client:
             status = "failed" if args.failed else args.status
             return await client.jobs(
-                status=status, collection=args.collection, limit=args.limit, cursor=args.cursor
+                status=status,
+                collection=args.collection,
+                limit=args.limit,
+                cursor=args.cursor,
+                stalled=True if args.stalled else None,
             )
 
     page = asyncio.run(fetch())
@@ -159,7 +168,9 @@ def _job_row(job: dict[str, Any]) -> tuple[str, ...]:
     chunks = f"{progress.get('chunks_indexed', 0)}/{total}" if total is not None else "-"
     error = (job.get("error") or {}).get("code", "")
     updated = str(job.get("updated_at", ""))[:19].replace("T", " ")
-    fields = (job["job_id"], job["filename"], job["collection"], job["status"], chunks)
+    # In the status column, so a stalled job stands out in the table and to grep alike.
+    status = f"{job['status']} (stalled)" if job.get("stalled") else job["status"]
+    fields = (job["job_id"], job["filename"], job["collection"], status, chunks)
     return (*(str(field) for field in fields), updated, str(error))
 
 
@@ -213,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--collection")
     jobs.add_argument("--limit", type=_positive_int)
     jobs.add_argument("--cursor", help="continue a previous listing")
+    jobs.add_argument(
+        "--stalled", action="store_true", help="only jobs with no progress for too long"
+    )
     jobs.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    dlq = sub.add_parser("dlq", help="list or replay dead letters")
+    dlq_cli.configure(dlq, common, lambda args: args.url or _default_url())
     return parser
 
 

@@ -1,4 +1,5 @@
-"""A small async client for the Sluice HTTP API v1, used by `sluice ingest`, `search` and `jobs`."""
+"""A small async client for the Sluice HTTP API v1, used by `sluice ingest`, `search`, `jobs`
+and `dlq`."""
 
 from __future__ import annotations
 
@@ -161,9 +162,16 @@ class SluiceClient:
         collection: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        stalled: bool | None = None,
     ) -> dict[str, Any]:
         """One page of jobs, newest first: `{"jobs": [...], "next_cursor": str | None}`."""
-        params = {"status": status, "collection": collection, "limit": limit, "cursor": cursor}
+        params = {
+            "status": status,
+            "collection": collection,
+            "limit": limit,
+            "cursor": cursor,
+            "stalled": None if stalled is None else str(stalled).lower(),
+        }
         query = {key: value for key, value in params.items() if value is not None}
         page: dict[str, Any] = (await self._request("GET", "/v1/jobs", params=query)).json()
         return page
@@ -176,6 +184,23 @@ class SluiceClient:
         body = (await self._request("GET", "/v1/search", params=params)).json()
         results: list[dict[str, Any]] = body["results"]
         return results
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter this key may see, oldest first."""
+        body = (await self._request("GET", "/v1/dead-letters")).json()
+        letters: list[dict[str, Any]] = body["dead_letters"]
+        return letters
+
+    async def replay_dead_letters(
+        self, *, stage: str | None = None, job_id: str | None = None, all: bool = False
+    ) -> dict[str, Any]:
+        """Send matching dead letters back to their stage: `{"replayed": n, "jobs": [...]}`."""
+        selector = {"stage": stage, "job_id": job_id, "all": all or None}
+        body = {key: value for key, value in selector.items() if value is not None}
+        answer: dict[str, Any] = (
+            await self._request("POST", "/v1/dead-letters/replay", json=body)
+        ).json()
+        return answer
 
     async def follow(self, job_id: str) -> AsyncIterator[Job]:
         """Yield the job each time it changes until it is `indexed` or `failed`.

@@ -10,10 +10,10 @@ import base64
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -104,8 +104,16 @@ class JobStore(Protocol):
     def forget(self, job_id: str) -> None: ...
     def get(self, job_id: str) -> Job | None: ...
     def page(
-        self, status: str | None, collection: str | None, limit: int, cursor: str | None
+        self,
+        status: str | None,
+        collection: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        collections: frozenset[str] | None = None,
+        stalled: bool | None = None,
     ) -> tuple[list[Job], str | None]: ...
+    def collections_of(self, job_ids: Collection[str]) -> dict[str, str]: ...
     def find_duplicate(
         self, collection: str, blob_sha256: str, idempotency_key: str | None
     ) -> Job | None: ...
@@ -119,14 +127,22 @@ class JobStore(Protocol):
     def count_by_status(self) -> dict[str, int]: ...
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class SqliteJobStore:
     """The job store in one SQLite file (WAL), shared by the gateway's routes and its tracker."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        stalled_after_s: float = 600.0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.stalled_after_s = stalled_after_s
+        self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -146,9 +162,16 @@ class SqliteJobStore:
                 raise
             self._db.execute("COMMIT")
 
+    def _now(self) -> str:
+        return self._clock().isoformat()
+
+    def _stalled_before(self) -> str:
+        # updated_at is always written by `_now`, so ISO strings compare like the times they name.
+        return (self._clock() - timedelta(seconds=self.stalled_after_s)).isoformat()
+
     def create(self, job: NewJob) -> None:
         """Record a queued job and make it its document's current version."""
-        now = _now()
+        now = self._now()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
@@ -200,16 +223,35 @@ class SqliteJobStore:
             return self._job(row) if row else None
 
     def page(
-        self, status: str | None, collection: str | None, limit: int, cursor: str | None
+        self,
+        status: str | None,
+        collection: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        collections: frozenset[str] | None = None,
+        stalled: bool | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered, a page at a time; the cursor is opaque to clients."""
-        where, args = [], []
+        """Jobs newest first, filtered, a page at a time; the cursor is opaque to clients.
+
+        `collections` limits the listing to those (None: every one); `stalled` keeps only
+        stalled (True) or only not-stalled (False) jobs.
+        """
+        where: list[str] = []
+        args: list[object] = []
         if status:
             where.append("status = ?")
             args.append(status)
         if collection:
             where.append("collection = ?")
             args.append(collection)
+        if collections is not None:
+            where.append(f"collection IN ({', '.join('?' * len(collections))})")
+            args += sorted(collections)
+        if stalled is not None:
+            condition = "(status NOT IN ('indexed', 'failed') AND updated_at < ?)"
+            where.append(condition if stalled else f"NOT {condition}")
+            args.append(self._stalled_before())
         if cursor:
             created_at, job_id = _decode_cursor(cursor)
             where.append("(created_at, job_id) < (?, ?)")
@@ -244,6 +286,22 @@ class SqliteJobStore:
                     (collection, blob_sha256),
                 ).fetchone()
             return self._job(row) if row else None
+
+    def collections_of(self, job_ids: Collection[str]) -> dict[str, str]:
+        """The collection of each known job among `job_ids`."""
+        ids = sorted(set(job_ids))
+        found: dict[str, str] = {}
+        with self._lock:
+            # In batches, to stay under SQLite's limit on bound parameters.
+            for start in range(0, len(ids), 500):
+                batch = ids[start : start + 500]
+                rows = self._db.execute(
+                    "SELECT job_id, collection FROM jobs"
+                    f" WHERE job_id IN ({', '.join('?' * len(batch))})",
+                    batch,
+                ).fetchall()
+                found.update({str(r["job_id"]): str(r["collection"]) for r in rows})
+        return found
 
     def document_collection(self, document_id: str) -> str | None:
         """The collection of a live document, or None if there is no such document."""
@@ -310,7 +368,7 @@ class SqliteJobStore:
                 status = _later(status, STATUS_OF_STAGE[event.stage])
             db.execute(
                 "UPDATE jobs SET status = ?, updated_at = ? WHERE job_id = ?",
-                (status, _now(), event.job_id),
+                (status, self._now(), event.job_id),
             )
         return True
 
@@ -356,7 +414,7 @@ class SqliteJobStore:
             status = STATUS_OF_STAGE[error.stage] if error else "queued"
             db.execute(
                 "UPDATE jobs SET status = ?, error = NULL, updated_at = ? WHERE job_id = ?",
-                (status, _now(), job_id),
+                (status, self._now(), job_id),
             )
         return self.get(job_id)
 
@@ -405,6 +463,7 @@ class SqliteJobStore:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             trace_id=row["trace_id"],
+            stalled=row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before(),
         )
 
 

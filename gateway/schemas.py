@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from contracts.events import JobError
 from contracts.messages import StageName
@@ -62,6 +62,8 @@ class Job(BaseModel):
     created_at: datetime
     updated_at: datetime
     trace_id: str | None = None
+    # Not terminal and no event for longer than `stalled_after_s`: something may be stuck.
+    stalled: bool = False
 
 
 class JobPage(BaseModel):
@@ -81,3 +83,39 @@ class UploadAnswer(BaseModel):
     status: JobStatus
     status_url: str
     duplicate: bool = False
+
+
+class DeadLetterOut(BaseModel):
+    """A message the pipeline gave up on, and why."""
+
+    job_id: str | None
+    collection: str | None = None
+    stage: StageName | None
+    code: str
+    reason: str
+    attempts: int
+    dead_at: datetime | None
+    age_s: float | None
+
+
+class DeadLetters(BaseModel):
+    """Every dead letter the caller may see, oldest first."""
+
+    dead_letters: list[DeadLetterOut]
+
+
+class ReplayRequest(BaseModel):
+    """Which dead letters to send back to their stage; at least one selector is needed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: StageName | None = None
+    job_id: str | None = None
+    all: bool = False
+
+
+class ReplayAnswer(BaseModel):
+    """How many dead letters went back to their stage, and the jobs they belong to."""
+
+    replayed: int
+    jobs: list[str]

@@ -11,7 +11,7 @@ from contracts import routing
 from contracts.events import JobEvent
 from gateway.jobs import JobStore
 from gateway.services import JobChanges
-from stages.broker import Broker
+from stages.broker import Broker, declare_queue
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ class Tracker:
     async def start(self) -> None:
         """Start consuming; the robust channel resumes by itself after a reconnect."""
         channel = await self.broker.consumer_channel(prefetch=256)
-        queue = await channel.get_queue(routing.tracker_queue(self.broker.settings.namespace))
+        name = routing.tracker_queue(self.broker.settings.namespace)
+        queue = await declare_queue(channel, self.broker.topology, name)
         await queue.consume(self._on_event)
 
     async def _on_event(self, delivery: AbstractIncomingMessage) -> None:

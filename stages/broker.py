@@ -40,17 +40,23 @@ class PublishRejected(Transient):
 
 async def declare(channel: AbstractChannel, topo: Topology) -> dict[str, AbstractQueue]:
     """Declare every exchange, queue and binding; safe to run from every process, every start."""
-    exchanges: dict[str, AbstractExchange] = {}
-    for spec in topo.exchanges:
-        exchanges[spec.name] = await channel.declare_exchange(spec.name, spec.type, durable=True)
-    queues: dict[str, AbstractQueue] = {}
-    for q in topo.queues:
-        queue = await channel.declare_queue(q.name, durable=True, arguments=dict(q.arguments))
-        for key in q.binding_keys:
-            assert q.exchange is not None
-            await queue.bind(exchanges[q.exchange], routing_key=key)
-        queues[q.name] = queue
-    return queues
+    return {q.name: await declare_queue(channel, topo, q.name) for q in topo.queues}
+
+
+async def declare_queue(channel: AbstractChannel, topo: Topology, name: str) -> AbstractQueue:
+    """Declare one queue with its arguments and bindings (and the exchanges it needs).
+
+    Declared on a robust channel, the queue and its bindings are declared again after every
+    reconnect, so a queue that vanished (deleted, or lost with its node) comes back.
+    """
+    spec = next(q for q in topo.queues if q.name == name)
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
+    if spec.exchange is not None:
+        kind = next(e.type for e in topo.exchanges if e.name == spec.exchange)
+        exchange = await channel.declare_exchange(spec.exchange, kind, durable=True)
+        for key in spec.binding_keys:
+            await queue.bind(exchange, routing_key=key)
+    return queue
 
 
 def amqp_message(

@@ -7,12 +7,16 @@ is seen once; those not replayed go back to the queue when the scanning channel 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError
 
 from contracts import routing
+from contracts.errors import Transient
 from contracts.messages import INPUT_OF, STAGES, StageName
 from contracts.topology import (
     ATTEMPT_HEADER,
@@ -59,23 +63,31 @@ def describe(delivery: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-async def replay(
-    broker: Broker, *, job_id: str | None = None, stage: StageName | None = None
-) -> int:
-    """Send matching dead letters back to the stage they failed in, with fresh attempts."""
-    ns = broker.settings.namespace
-    channel = await broker.connection.channel()
-    replayed = 0
+@asynccontextmanager
+async def _dead_letter_queue(broker: Broker) -> AsyncIterator[AbstractQueue]:
+    """The dead-letter queue on a channel of its own; broker trouble becomes `Transient`."""
     try:
-        queue = await channel.get_queue(routing.dead_letter_queue(ns))
+        channel = await broker.connection.channel()
+        try:
+            yield await channel.get_queue(routing.dead_letter_queue(broker.settings.namespace))
+        finally:
+            await channel.close()
+    except (AMQPError, ConnectionError) as exc:
+        raise Transient(f"reading the dead-letter queue failed: {exc!r}") from exc
+
+
+async def replay_each(
+    broker: Broker, where: Callable[[DeadLetter], bool]
+) -> AsyncIterator[DeadLetter]:
+    """Send each dead letter `where` accepts back to the stage it failed in; yield it once sent."""
+    ns = broker.settings.namespace
+    async with _dead_letter_queue(broker) as queue:
         for _ in range(_SCAN_LIMIT):
             delivery = await queue.get(no_ack=False, fail=False)
             if delivery is None:
                 break
             letter = describe(delivery)
-            if letter.stage is None:
-                continue
-            if (job_id and letter.job_id != job_id) or (stage and letter.stage != stage):
+            if letter.stage is None or not where(letter):
                 continue
             headers = {
                 k: v
@@ -90,25 +102,29 @@ async def replay(
                 message_id=delivery.message_id,
             )
             await delivery.ack()
-            replayed += 1
-    finally:
-        await channel.close()
-    return replayed
+            yield letter
+
+
+async def replay(
+    broker: Broker, *, job_id: str | None = None, stage: StageName | None = None
+) -> int:
+    """Send matching dead letters back to the stage they failed in, with fresh attempts."""
+
+    def matches(letter: DeadLetter) -> bool:
+        return (not job_id or letter.job_id == job_id) and (not stage or letter.stage == stage)
+
+    return len([letter async for letter in replay_each(broker, matches)])
 
 
 async def list_dead_letters(broker: Broker) -> list[DeadLetter]:
     """Every dead letter, oldest first; the queue is left as it was."""
-    channel = await broker.connection.channel()
     letters: list[DeadLetter] = []
-    try:
-        queue = await channel.get_queue(routing.dead_letter_queue(broker.settings.namespace))
+    async with _dead_letter_queue(broker) as queue:
         for _ in range(_SCAN_LIMIT):
             delivery = await queue.get(no_ack=False, fail=False)
             if delivery is None:
                 break
             letters.append(describe(delivery))
-    finally:
-        await channel.close()
     return letters
 
 

@@ -43,7 +43,7 @@ from contracts.topology import (
     JOB_HEADER,
     STAGE_HEADER,
 )
-from stages.broker import Broker, PublishRejected, header_int
+from stages.broker import Broker, PublishRejected, declare_queue, header_int
 from stages.dlq import now_header
 from stages.stage import Stage
 
@@ -67,7 +67,9 @@ class StageRunner:
     async def run(self, stop: asyncio.Event, *, drain_timeout_s: float = 30.0) -> None:
         """Consume until `stop` is set; then stop taking messages and finish those in hand."""
         channel = await self.broker.consumer_channel(self.settings.tuning(self.stage.name).prefetch)
-        queue = await channel.get_queue(self.queue_name)
+        # Declared (not just looked up) on the robust channel: if the broker cancels the
+        # consumer because the queue went away, recovery declares it again and re-consumes.
+        queue = await declare_queue(channel, self.broker.topology, self.queue_name)
         tag = await queue.consume(self._on_message)
         log.info("stage %s consuming %s", self.stage.name, self.queue_name)
         await stop.wait()

@@ -82,7 +82,7 @@ def sluice_command() -> list[str]:
 
 def queue_consumers(broker: BrokerHandle, name: str) -> int:
     """How many consumers a queue has, from the management API."""
-    user, password = _credentials(broker.amqp_url)
+    user, password = credentials(broker.amqp_url)
     answer = httpx.get(
         f"{broker.management_url}/api/queues/%2F/{name}", auth=(user, password), timeout=5
     )
@@ -92,7 +92,8 @@ def queue_consumers(broker: BrokerHandle, name: str) -> int:
     return consumers
 
 
-def _credentials(amqp_url: str) -> tuple[str, str]:
+def credentials(amqp_url: str) -> tuple[str, str]:
+    """User and password of an AMQP URL (guest/guest when it names none)."""
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(amqp_url)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from contracts.messages import COLLECTION_PATTERN
 from gateway import metrics
 from gateway.errors import ApiError
-from gateway.services import ServicesDep, require_api_key
+from gateway.services import Access, AccessDep, ServicesDep, require_api_key
 from gateway.uploads import accept
 
 router = APIRouter(prefix="/v1/documents", dependencies=[Depends(require_api_key)])
@@ -30,6 +30,15 @@ def valid_collection(collection: str) -> str:
     return collection
 
 
+def _collection_of(services: ServicesDep, access: Access, document_id: str) -> str:
+    """The document's collection; 404 also when the caller's key does not open it."""
+    collection = services.store.document_collection(document_id)
+    # Another collection's document answers like a missing one, so keys cannot probe ids.
+    if collection is None or not access.allows(collection):
+        raise ApiError(404, "document_not_found", f"No document {document_id}.")
+    return collection
+
+
 def _answer(status: int, body: object, job_id: str) -> JSONResponse:
     return JSONResponse(
         body,
@@ -41,13 +50,15 @@ def _answer(status: int, body: object, job_id: str) -> JSONResponse:
 @router.post("", status_code=202)
 async def upload(
     services: ServicesDep,
+    access: AccessDep,
     file: Annotated[UploadFile, File()],
     collection: Annotated[str, Form()] = "default",
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Accept one document; 202 once the broker confirmed its first message."""
+    access.require(valid_collection(collection))
     with metrics.upload_answer() as outcome:
-        status, answer = await accept(services, file, valid_collection(collection), idempotency_key)
+        status, answer = await accept(services, file, collection, idempotency_key)
         outcome(status)
     return _answer(status, answer.model_dump(mode="json"), answer.job_id)
 
@@ -55,13 +66,12 @@ async def upload(
 @router.put("/{document_id}", status_code=202)
 async def replace(
     services: ServicesDep,
+    access: AccessDep,
     document_id: str,
     file: Annotated[UploadFile, File()],
 ) -> JSONResponse:
     """Upload a new version; the old one stays searchable until the new one is indexed."""
-    collection = services.store.document_collection(document_id)
-    if collection is None:
-        raise ApiError(404, "document_not_found", f"No document {document_id}.")
+    collection = _collection_of(services, access, document_id)
     with metrics.upload_answer() as outcome:
         status, answer = await accept(services, file, collection, None, document_id=document_id)
         outcome(status)
@@ -69,11 +79,9 @@ async def replace(
 
 
 @router.delete("/{document_id}", status_code=204)
-async def delete(services: ServicesDep, document_id: str) -> Response:
+async def delete(services: ServicesDep, access: AccessDep, document_id: str) -> Response:
     """Remove a document's chunks from the index and its blobs from the blob store."""
-    collection = services.store.document_collection(document_id)
-    if collection is None:
-        raise ApiError(404, "document_not_found", f"No document {document_id}.")
+    collection = _collection_of(services, access, document_id)
     await asyncio.to_thread(services.index.delete_document, collection, document_id)
     for job_blobs in services.store.delete_document(document_id):
         for sha256 in (job_blobs.blob_sha256, job_blobs.parsed_sha256):

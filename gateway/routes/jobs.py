@@ -9,10 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from contracts.errors import Transient
 from contracts.events import JobEvent
 from gateway.errors import ApiError
 from gateway.schemas import TERMINAL, Job, JobPage, JobStatus
-from gateway.services import ServicesDep, require_api_key
+from gateway.services import Access, AccessDep, ServicesDep, require_api_key
 from gateway.uploads import RETRY_AFTER_S, publish_upload
 from stages import dlq
 
@@ -21,39 +22,48 @@ _KEEPALIVE_S = 15.0
 _RECHECK_S = 2.0
 
 
-def _job_or_404(services: ServicesDep, job_id: str) -> Job:
+def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job:
     job = services.store.get(job_id)
-    if job is None:
+    # Another collection's job answers like a missing one, so keys cannot probe ids.
+    if job is None or not access.allows(job.collection):
         raise ApiError(404, "job_not_found", f"No job {job_id}.")
     return job
 
 
 @router.get("/{job_id}")
-async def get_job(services: ServicesDep, job_id: str) -> Job:
+async def get_job(services: ServicesDep, access: AccessDep, job_id: str) -> Job:
     """One job's status, progress and stage timings."""
-    return _job_or_404(services, job_id)
+    return _job_or_404(services, access, job_id)
 
 
 @router.get("")
 async def list_jobs(
     services: ServicesDep,
+    access: AccessDep,
     status: JobStatus | None = None,
     collection: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
+    stalled: bool | None = None,
 ) -> JobPage:
-    """Jobs, newest first, a page at a time."""
+    """Jobs of the caller's collections, newest first, a page at a time."""
+    if collection:
+        access.require(collection)
     try:
-        jobs, next_cursor = services.store.page(status, collection, limit, cursor)
+        jobs, next_cursor = services.store.page(
+            status, collection, limit, cursor, collections=access.collections, stalled=stalled
+        )
     except ValueError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from exc
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/events")
-async def job_events(services: ServicesDep, job_id: str, request: Request) -> StreamingResponse:
+async def job_events(
+    services: ServicesDep, access: AccessDep, job_id: str, request: Request
+) -> StreamingResponse:
     """Server-sent events: the job at connect and on every change, until it ends."""
-    _job_or_404(services, job_id)
+    _job_or_404(services, access, job_id)
 
     async def stream() -> AsyncIterator[str]:
         last = ""
@@ -83,9 +93,9 @@ async def job_events(services: ServicesDep, job_id: str, request: Request) -> St
 
 
 @router.post("/{job_id}/retry", status_code=202)
-async def retry(services: ServicesDep, job_id: str) -> JSONResponse:
+async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONResponse:
     """Resume a failed job from the stage that failed (its dead letters), else from the start."""
-    job = _job_or_404(services, job_id)
+    job = _job_or_404(services, access, job_id)
     if job.status != "failed" or job.error is None:
         raise ApiError(409, "job_not_failed", f"Job {job_id} is {job.status}, not failed.")
     if not services.broker.is_connected:
@@ -102,7 +112,7 @@ async def retry(services: ServicesDep, job_id: str) -> JSONResponse:
             # Its dead letters are gone (purged or replayed elsewhere): every stage is
             # idempotent, so starting over from the upload is safe.
             await publish_upload(services, job)
-    except BaseException:
+    except BaseException as exc:
         services.store.apply(
             JobEvent(
                 job_id=job.job_id,
@@ -112,6 +122,11 @@ async def retry(services: ServicesDep, job_id: str) -> JSONResponse:
                 error=previous_error,
             )
         )
+        if isinstance(exc, Transient):
+            raise ApiError(
+                503, "broker_unavailable", f"Replaying failed: {exc}", RETRY_AFTER_S
+            ) from exc
         raise
     services.changes.notify(job_id)
-    return JSONResponse(_job_or_404(services, job_id).model_dump(mode="json"), status_code=202)
+    job = _job_or_404(services, access, job_id)
+    return JSONResponse(job.model_dump(mode="json"), status_code=202)

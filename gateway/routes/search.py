@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from gateway.errors import ApiError
 from gateway.routes.documents import valid_collection
-from gateway.services import ServicesDep, require_api_key
+from gateway.services import AccessDep, ServicesDep, require_api_key
 from stages.backends.vectors import SearchHit
 from stages.embed import embedding_text
 
@@ -26,6 +26,7 @@ class SearchResults(BaseModel):
 @router.get("/search")
 async def search(
     services: ServicesDep,
+    access: AccessDep,
     q: str = "",
     collection: str = "default",
     k: Annotated[int, Query(ge=1, le=100)] = 5,
@@ -33,7 +34,7 @@ async def search(
     """Embed the query with the pipeline's model and return the nearest chunks."""
     if not q.strip():
         raise ApiError(400, "empty_query", "Give a query: /v1/search?q=...")
-    valid_collection(collection)
+    access.require(valid_collection(collection))
     embedder = await services.embedder()
     (vector,) = await asyncio.to_thread(embedder.embed, [embedding_text(None, q)])
     hits = await asyncio.to_thread(services.index.search, collection, vector, k)

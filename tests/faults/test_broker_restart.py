@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from broker import PrivateBroker
+from broker import BrokerHandle, PrivateBroker
 from documents import make_markdown
 from invariants import assert_nothing_lost
-from pipeline import queue_consumers, wait_for_job
+from pipeline import credentials, queue_consumers, wait_for_job
 
 from contracts import routing
 from contracts.messages import STAGES
@@ -64,3 +64,23 @@ async def test_broker_restart_mid_run_loses_nothing(
         jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
         assert [job["status"] for job in jobs] == ["indexed"] * len(job_ids), jobs
         await assert_nothing_lost(pipeline, api, job_ids)
+
+
+async def test_a_stage_whose_queue_is_deleted_consumes_again(
+    pipelines: PipelineFactory, broker: BrokerHandle
+) -> None:
+    """The broker cancels a consumer when its queue goes away; the stage must not go deaf."""
+    pipeline = pipelines()
+    queue = routing.stage_queue(pipeline.namespace, "embed")
+    user, password = credentials(broker.amqp_url)
+    async with httpx.AsyncClient(auth=(user, password), timeout=10) as management:
+        deleted = await management.delete(f"{broker.management_url}/api/queues/%2F/{queue}")
+        assert deleted.status_code == 204, deleted.text
+    deadline = time.monotonic() + 60
+    while queue_consumers(broker, queue) < 1:
+        assert time.monotonic() < deadline, "the embed stage never consumed its queue again"
+        await asyncio.sleep(0.25)
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
+        answer = await upload(api, "after.md", make_markdown("After", {"A": "Queue is back."}))
+        assert (await wait_for_job(api, answer.json()["job_id"]))["status"] == "indexed"
+        await assert_nothing_lost(pipeline, api, [answer.json()["job_id"]])

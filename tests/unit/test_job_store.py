@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,49 @@ def test_pages_of_jobs_follow_the_cursor(store: SqliteJobStore) -> None:
     assert sorted(seen) == ["j2", "j3", "j4", "j5"] and len(seen) == 4
     with pytest.raises(ValueError):
         store.page(None, None, 3, "not-a-cursor")
+
+
+class Clock:
+    """A settable clock for the store, so 'no event for ten minutes' takes no ten minutes."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_a_job_without_events_for_too_long_is_stalled(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", stalled_after_s=0.5, clock=clock)
+    for n in (1, 2, 3):
+        store.create(NewJob(f"j{n}", f"d{n}", "default", "a.md", "text/markdown", 1, f"{n}" * 64))
+    store.apply(JobEvent(job_id="j2", document_id="d2", stage="index", kind="failed"))
+    clock.now += timedelta(seconds=0.25)
+    store.apply(JobEvent(job_id="j3", document_id="d3", stage="parse", kind="started"))
+    assert [j.stalled for j in map(store.get, ("j1", "j2", "j3")) if j] == [False] * 3
+
+    clock.now += timedelta(seconds=0.3)
+    # j1 has been queued 0.55 s with nothing picking it up; j2 ended; j3 moved 0.3 s ago.
+    job = store.get("j1")
+    assert job is not None and job.stalled and job.model_dump()["stalled"] is True
+    assert [j.job_id for j in store.page(None, None, 10, None, stalled=True)[0]] == ["j1"]
+    assert {j.job_id for j in store.page(None, None, 10, None, stalled=False)[0]} == {"j2", "j3"}
+    job = store.get("j2")
+    assert job is not None and job.status == "failed" and not job.stalled
+
+    # Any event un-stalls a job.
+    store.apply(JobEvent(job_id="j1", document_id="d1", stage="parse", kind="started"))
+    assert store.page(None, None, 10, None, stalled=True)[0] == []
+
+
+def test_listing_can_be_limited_to_a_keys_collections(store: SqliteJobStore) -> None:
+    store.create(NewJob("r1", "dr", "red", "r.md", "text/markdown", 1, "r" * 64))
+    store.create(NewJob("g1", "dg", "green", "g.md", "text/markdown", 1, "g" * 64))
+    listed = store.page(None, None, 10, None, collections=frozenset({"red", "blue"}))[0]
+    assert [j.job_id for j in listed] == ["r1"]
+    everything = store.page(None, None, 10, None, collections=None)[0]
+    assert {j.job_id for j in everything} == {"j1", "r1", "g1"}
+    assert store.page(None, "green", 10, None, collections=frozenset({"red"}))[0] == []
+    assert store.collections_of(["r1", "g1", "nope", "r1"]) == {"r1": "red", "g1": "green"}
+    assert store.collections_of([]) == {}
