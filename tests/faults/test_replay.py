@@ -1,5 +1,5 @@
-"""Dead letters over HTTP and through `sluice dlq`, on a real pipeline: jobs that died at the
-index stage are listed, then replayed once the cause is gone, and end indexed exactly once."""
+"""Replay: jobs made to fail at the index stage are listed over HTTP and by `sluice dlq list`,
+then `sluice dlq replay --all` after the cause is fixed: all end indexed, each chunk once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from broker import BrokerHandle
 from documents import make_markdown
+from invariants import assert_nothing_lost
 from pipeline import Pipeline, sluice_command, start_pipeline, stop_pipeline, wait_for_job
 
 NOTES = {
@@ -141,3 +142,4 @@ async def test_dead_letters_are_listed_then_replayed_into_indexed_jobs(
 
     assert (await ops.get("/v1/dead-letters")).json() == {"dead_letters": []}
     assert sluice(dlq_pipeline, "dlq", "list").stdout.strip() == "no dead letters"
+    await assert_nothing_lost(dlq_pipeline, ops, [otters["job_id"], herons["job_id"]])
