@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import io
+import random
 import struct
+import zipfile
 import zlib
 from datetime import UTC, datetime
 
@@ -180,3 +182,40 @@ def corpus() -> dict[str, bytes]:
         ),
         "cafe.txt": make_latin1_text(LATIN1_SENTENCE + "\nLe service était rapide."),
     }
+
+
+def make_corrupt_pdf() -> bytes:
+    """A file with a real PDF header and random bytes after it: sniffed as PDF, unreadable."""
+    garbage = random.Random(1729).randbytes(8 * 1024)
+    return b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n" + garbage.replace(b"%%EOF", b"")
+
+
+def make_many_page_pdf(pages: int) -> bytes:
+    """A real PDF of `pages` short pages."""
+    return make_pdf([f"Page {number} of the long report." for number in range(1, pages + 1)])
+
+
+def make_docx_bomb(uncompressed_bytes: int) -> bytes:
+    """A real .docx whose word/document.xml is padded with spaces to `uncompressed_bytes`.
+
+    Spaces deflate about 1000:1, so the file stays small while python-docx, opening it, would
+    inflate and parse the whole part.
+    """
+    main_part = "word/document.xml"
+    source = zipfile.ZipFile(io.BytesIO(make_docx(["A harmless looking memo."], [])))
+    buffer = io.BytesIO()
+    with source, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as bomb:
+        for item in source.infolist():
+            if item.filename != main_part:
+                bomb.writestr(item, source.read(item.filename))
+        head, end, tail = source.read(main_part).rpartition(b"</w:document>")
+        block = b" " * (1 << 20)
+        with bomb.open(main_part, "w", force_zip64=True) as part:
+            part.write(head)
+            # A block at a time, so the test never holds the inflated part in memory.
+            left = uncompressed_bytes - len(head) - len(end) - len(tail)
+            while left > 0:
+                part.write(block[: min(left, len(block))])
+                left -= len(block)
+            part.write(end + tail)
+    return buffer.getvalue()

@@ -52,6 +52,12 @@ class Pipeline:
         with mock.patch.dict(os.environ, self.env, clear=True):
             return Settings()
 
+    def terminate(self, name: str, timeout_s: float = 60.0) -> int:
+        """SIGTERM one process, as an orchestrator stopping it would; returns its exit code."""
+        process = self.processes[name]
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=timeout_s)
+
     def kill(self, name: str) -> None:
         """`kill -9` one process, as the OOM killer or a segfault would."""
         process = self.processes[name]

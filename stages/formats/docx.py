@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import zipfile
 from collections.abc import Iterator
 
 import docx
@@ -11,16 +12,24 @@ from docx.text.paragraph import Paragraph
 
 from contracts.errors import Permanent
 from contracts.messages import Section
+from stages.formats.limits import DEFAULT_LIMITS, Limits, TextBudget
 
 _HEADING_STYLES = ("Heading", "Title")
+# Word files hold tens to a few thousand parts (media included); far more is a crafted archive.
+_MAX_PARTS = 10_000
+# XML deflates about 5-30:1; DEFLATE cannot beat ~1032:1. A large part near that is a bomb.
+_MAX_RATIO = 200
+_RATIO_FLOOR_BYTES = 1024 * 1024
 
 
-def parse_docx(path: pathlib.Path) -> list[Section]:
+def parse_docx(path: pathlib.Path, limits: Limits = DEFAULT_LIMITS) -> list[Section]:
     """One section per heading-led block of the body (headings as metadata); `Permanent` if bad."""
     try:
-        return _sections(path)
-    except OSError:
-        raise  # the blob store lost the file: not the uploader's fault, let the runtime retry
+        check_archive(path, limits)
+        return _sections(path, TextBudget(limits, "Word document"))
+    except (OSError, Permanent):
+        # OSError: the blob store lost the file; not the uploader's fault, let the runtime retry.
+        raise
     except Exception as exc:
         # python-docx surfaces bad input as zip, XML, KeyError or ValueError failures alike.
         raise Permanent(
@@ -31,7 +40,41 @@ def parse_docx(path: pathlib.Path) -> list[Section]:
         ) from exc
 
 
-def _sections(path: pathlib.Path) -> list[Section]:
+def check_archive(path: pathlib.Path, limits: Limits) -> None:
+    """`Permanent` `docx_too_large` for a zip bomb, read from the central directory alone.
+
+    python-docx inflates every part into memory when it opens a file, so this runs first.
+    """
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+    if len(entries) > _MAX_PARTS:
+        raise _too_large(
+            f"has {len(entries):,} parts inside; Word documents have at most a few thousand"
+        )
+    total = sum(entry.file_size for entry in entries)
+    if total > limits.max_docx_uncompressed_bytes:
+        raise _too_large(
+            f"unpacks to {total:,} bytes; the limit is {limits.max_docx_uncompressed_bytes:,} "
+            "(SLUICE_MAX_DOCX_UNCOMPRESSED_BYTES)"
+        )
+    for entry in entries:
+        ratio = entry.file_size / max(entry.compress_size, 1)
+        if entry.file_size > _RATIO_FLOOR_BYTES and ratio > _MAX_RATIO:
+            raise _too_large(
+                f"has a part ({entry.filename}) compressed {ratio:,.0f}:1, which only a zip bomb "
+                "does"
+            )
+
+
+def _too_large(detail: str) -> Permanent:
+    return Permanent(
+        f"The Word document {detail}. Remove embedded files or split the document, save it "
+        "again and upload it again.",
+        code="docx_too_large",
+    )
+
+
+def _sections(path: pathlib.Path, budget: TextBudget) -> list[Section]:
     document = docx.Document(str(path))
     sections: list[Section] = []
     heading: str | None = None
@@ -44,11 +87,14 @@ def _sections(path: pathlib.Path) -> list[Section]:
 
     for item in document.iter_inner_content():
         if isinstance(item, Table):
-            blocks.append("\n".join(_table_rows(item)))
+            rows = "\n".join(_table_rows(item))
+            budget.spend(rows)
+            blocks.append(rows)
             continue
         text = item.text.strip()
         if not text:
             continue
+        budget.spend(text)
         if _is_heading(item):
             flush()
             heading, blocks = text, []

@@ -13,6 +13,7 @@ from contracts import media
 from contracts.errors import Permanent
 from contracts.messages import Section
 from stages.formats.encoding import bom_encoding, decode_text, normalise_newlines
+from stages.formats.limits import DEFAULT_LIMITS, Limits
 from stages.formats.text import split_markdown
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,16 @@ _SPACES = re.compile(r"[ \t\u00a0]+")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*")
 
 
-def parse_html(path: pathlib.Path) -> list[Section]:
+def parse_html(path: pathlib.Path, limits: Limits = DEFAULT_LIMITS) -> list[Section]:
     """Sections of the page's main text, cut at h1-h3 headings (kept as metadata)."""
+    # HTML parsers build a tree many times the page's size: refuse before reading it.
+    size = path.stat().st_size
+    if size > limits.max_html_bytes:
+        raise Permanent(
+            f"The HTML page is {size:,} bytes; the limit is {limits.max_html_bytes:,} "
+            "(SLUICE_MAX_HTML_BYTES). Save its main text as a PDF or text file and upload that.",
+            code="html_too_large",
+        )
     markup = decode_html(path.read_bytes())
     markdown = _with_trafilatura(markup) or _with_selectolax(markup)
     return split_markdown(markdown)

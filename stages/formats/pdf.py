@@ -12,20 +12,28 @@ import pypdfium2.raw as pdfium_c
 from contracts.errors import Permanent
 from contracts.messages import Section
 from stages.formats.encoding import normalise_newlines
+from stages.formats.limits import DEFAULT_LIMITS, Limits, TextBudget
 
-# PDFium is not thread-safe and the parse stage runs parsers in worker threads.
+# PDFium is not thread-safe; callers may run parsers in threads (the stage uses processes).
 _PDFIUM_LOCK = threading.Lock()
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufffe\uffff]")
 _PASSWORD_ERRORS = frozenset({pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY})
 
 
-def parse_pdf(path: pathlib.Path) -> tuple[int, list[Section]]:
-    """(page count, one section per page that has text); `Permanent` for bad PDFs."""
+def parse_pdf(path: pathlib.Path, limits: Limits = DEFAULT_LIMITS) -> tuple[int, list[Section]]:
+    """(page count, one section per page that has text); `Permanent` for bad or too big PDFs."""
     with _PDFIUM_LOCK:
         document = _open(path)
         try:
             page_count = len(document)
-            sections = [_page_section(document, index) for index in range(page_count)]
+            _check_pages(page_count, limits)
+            budget = TextBudget(limits, "PDF")
+            sections = []
+            for index in range(page_count):
+                section = _page_section(document, index)
+                # Stop at the page that passes the limit instead of extracting the rest.
+                budget.spend(section.text, f"by page {index + 1:,} of {page_count:,}")
+                sections.append(section)
         finally:
             document.close()
     kept = [section for section in sections if section.text.strip()]
@@ -36,6 +44,15 @@ def parse_pdf(path: pathlib.Path) -> tuple[int, list[Section]]:
             code="no_text",
         )
     return page_count, kept
+
+
+def _check_pages(page_count: int, limits: Limits) -> None:
+    if page_count > limits.max_pdf_pages:
+        raise Permanent(
+            f"The PDF has {page_count:,} pages; the limit is {limits.max_pdf_pages:,} "
+            "(SLUICE_MAX_PDF_PAGES). Split it and upload the parts.",
+            code="too_many_pages",
+        )
 
 
 def _open(path: pathlib.Path) -> pdfium.PdfDocument:

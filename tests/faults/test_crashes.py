@@ -94,3 +94,21 @@ async def test_a_message_that_kills_its_worker_is_set_aside(pipelines: PipelineF
         stop.set()
         keeper.join()
     assert restarts >= 3, f"the worker died {restarts} times; the limit is 3"
+
+
+async def test_sigterm_drains_a_busy_stage_without_losing_work(
+    pipelines: PipelineFactory,
+) -> None:
+    pipeline = pipelines()
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
+        answers = await asyncio.gather(
+            *(upload(api, n, d) for n, d in distinct_pdfs(8, pages=6, seed=3).items())
+        )
+        job_ids = [a.json()["job_id"] for a in answers]
+        await wait_until(api, job_ids, lambda job: job["status"] == "embedding")
+        # A stage asked to stop finishes or hands back what it holds, and exits cleanly.
+        assert pipeline.terminate("embed") == 0
+        pipeline.start("embed")
+        jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
+        assert [job["status"] for job in jobs] == ["indexed"] * len(job_ids), jobs
+        await assert_nothing_lost(pipeline, api, job_ids)

@@ -6,13 +6,17 @@ import io
 import pathlib
 import zipfile
 
+import docx
 import pytest
 from documents import (
+    make_corrupt_pdf,
     make_docx,
+    make_docx_bomb,
     make_encrypted_pdf,
     make_html,
     make_image_only_pdf,
     make_latin1_text,
+    make_many_page_pdf,
     make_markdown,
     make_pdf,
     make_png,
@@ -20,7 +24,8 @@ from documents import (
 
 from contracts import media
 from contracts.errors import Permanent
-from stages.formats import parse_document, sniff
+from contracts.settings import Settings
+from stages.formats import Limits, parse_document, sniff
 
 ARTICLE = [
     "Rivers carry sediment from the mountains to the sea, shaping valleys over millennia.",
@@ -190,3 +195,104 @@ def test_unknown_content_type(tmp_path: pathlib.Path) -> None:
     with pytest.raises(Permanent) as caught:
         parse_document(write(tmp_path, "x.png", make_png()), "image/png")
     assert caught.value.code == "unsupported_media_type"
+
+
+def test_corrupt_pdf_is_unreadable(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "corrupt.pdf", make_corrupt_pdf())
+    assert sniff(path) == media.PDF
+    with pytest.raises(Permanent) as caught:
+        parse_document(path, media.PDF)
+    assert caught.value.code == "unreadable_pdf"
+
+
+# ---- Limits: each one breached fails with its own code and says which setting to change. ----
+
+
+def limited(code: str, path: pathlib.Path, content_type: str, limits: Limits) -> Permanent:
+    with pytest.raises(Permanent) as caught:
+        parse_document(path, content_type, limits)
+    assert caught.value.code == code, caught.value.message
+    return caught.value
+
+
+def test_limits_come_from_settings() -> None:
+    settings = Settings(
+        max_pdf_pages=7,
+        max_docx_uncompressed_bytes=1000,
+        max_html_bytes=2000,
+        max_text_chars=3000,
+    )
+    assert Limits.from_settings(settings) == Limits(7, 1000, 2000, 3000)
+    assert Limits() == Limits.from_settings(Settings())
+
+
+def test_pdf_over_the_page_limit(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "long.pdf", make_many_page_pdf(4))
+    assert parse_document(path, media.PDF, Limits(max_pdf_pages=4)).pages == 4
+    error = limited("too_many_pages", path, media.PDF, Limits(max_pdf_pages=3))
+    assert error.message == (
+        "The PDF has 4 pages; the limit is 3 (SLUICE_MAX_PDF_PAGES). Split it and upload the parts."
+    )
+
+
+def test_pdf_text_limit_stops_at_the_page_that_passes_it(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "wordy.pdf", make_pdf(["x" * 50] * 5))
+    error = limited("text_too_long", path, media.PDF, Limits(max_text_chars=120))
+    assert "by page 3 of 5" in error.message
+    assert "SLUICE_MAX_TEXT_CHARS" in error.message
+
+
+def test_docx_bomb_over_the_size_limit_is_refused_before_python_docx_opens_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_open(*args: object) -> None:
+        raise AssertionError("python-docx opened a zip bomb")
+
+    monkeypatch.setattr(docx, "Document", must_not_open)
+    path = write(tmp_path, "bomb.docx", make_docx_bomb(8 << 20))
+    assert sniff(path) == media.DOCX
+    assert path.stat().st_size < 64 * 1024
+    error = limited("docx_too_large", path, media.DOCX, Limits(max_docx_uncompressed_bytes=4 << 20))
+    assert "SLUICE_MAX_DOCX_UNCOMPRESSED_BYTES" in error.message
+    # Under the size limit, its compression ratio alone gives it away.
+    error = limited("docx_too_large", path, media.DOCX, Limits())
+    assert "zip bomb" in error.message
+
+
+def test_docx_with_absurdly_many_parts(tmp_path: pathlib.Path) -> None:
+    buffer = io.BytesIO(make_docx(["Hello."], []))
+    with zipfile.ZipFile(buffer, "a") as archive:
+        for number in range(10_001):
+            archive.writestr(f"word/media/p{number}.xml", "")
+    path = write(tmp_path, "parts.docx", buffer.getvalue())
+    error = limited("docx_too_large", path, media.DOCX, Limits())
+    assert "parts" in error.message
+
+
+def test_docx_text_limit(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "f.docx", make_docx(["y" * 60, "z" * 60], [["a", "b"]]))
+    assert parse_document(path, media.DOCX, Limits(max_text_chars=200)).sections
+    limited("text_too_long", path, media.DOCX, Limits(max_text_chars=100))
+
+
+def test_html_over_the_byte_limit(tmp_path: pathlib.Path) -> None:
+    data = make_html("Rivers", ARTICLE)
+    path = write(tmp_path, "p.html", data)
+    assert parse_document(path, media.HTML, Limits(max_html_bytes=len(data))).sections
+    error = limited("html_too_large", path, media.HTML, Limits(max_html_bytes=len(data) - 1))
+    assert "SLUICE_MAX_HTML_BYTES" in error.message
+
+
+def test_html_text_limit(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "p.html", make_html("Rivers", ARTICLE))
+    limited("text_too_long", path, media.HTML, Limits(max_text_chars=100))
+
+
+@pytest.mark.parametrize("content_type", [media.TEXT, media.MARKDOWN])
+def test_text_limit(tmp_path: pathlib.Path, content_type: str) -> None:
+    path = write(tmp_path, "t.txt", "é".encode() * 100)  # 200 bytes, 100 characters
+    assert parse_document(path, content_type, Limits(max_text_chars=100)).sections
+    error = limited("text_too_long", path, content_type, Limits(max_text_chars=99))
+    assert "the limit is 99 (SLUICE_MAX_TEXT_CHARS)" in error.message
+    # Far past the limit in bytes, it is refused without decoding.
+    limited("text_too_long", path, content_type, Limits(max_text_chars=10))

@@ -41,12 +41,15 @@ def embed_ctx() -> embed.EmbedContext:
 
 async def _parse(settings: Settings, data: bytes, content_type: str) -> DocumentParsed:
     ctx = await parse.startup(settings)
-    sha = ctx.blobs.put_bytes(data)
-    msg = DocumentUploaded(
-        **ENVELOPE, blob_sha256=sha, content_type=content_type, size_bytes=len(data)
-    )
-    (out,) = await parse.handle(msg, ctx)
-    return out
+    try:
+        sha = ctx.blobs.put_bytes(data)
+        msg = DocumentUploaded(
+            **ENVELOPE, blob_sha256=sha, content_type=content_type, size_bytes=len(data)
+        )
+        (out,) = await parse.handle(msg, ctx)
+        return out
+    finally:
+        await parse.STAGE.shutdown(ctx)
 
 
 async def test_parse_stores_sections_with_pages(settings: Settings) -> None:
