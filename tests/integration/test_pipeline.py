@@ -174,6 +174,15 @@ async def test_new_version_replaces_the_old_and_delete_removes_it(
     document_id = first.json()["document_id"]
     await wait_for_job(api, first.json()["job_id"])
 
+    # A new version that fails leaves the old one searchable.
+    broken = await api.put(
+        f"/v1/documents/{document_id}", files={"file": ("mines.pdf", make_image_only_pdf())}
+    )
+    assert broken.status_code == 202, broken.text
+    assert (await wait_for_job(api, broken.json()["job_id"]))["status"] == "failed"
+    still = await api.get("/v1/search", params={"q": old_text, "collection": "versions"})
+    assert old_text in still.json()["results"][0]["text"]
+
     second = await api.put(
         f"/v1/documents/{document_id}",
         files={"file": ("mines.md", make_markdown("Mines", {"New": new_text}))},
