@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +78,22 @@ class Settings(BaseSettings):
     stalled_after_s: float = Field(600.0, gt=0)
     # Without API keys the gateway only listens on loopback, unless this says otherwise.
     allow_open: bool = False
+
+    # Observability: where each stage process serves /metrics (the gateway serves its own on
+    # its HTTP port; 0 picks a free port, logged at start), and how logs are written.
+    parse_metrics_port: int = Field(9101, ge=0, le=65535)
+    chunk_metrics_port: int = Field(9102, ge=0, le=65535)
+    embed_metrics_port: int = Field(9103, ge=0, le=65535)
+    index_metrics_port: int = Field(9104, ge=0, le=65535)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # Links the web page offers, when these UIs are reachable for its users.
+    jaeger_ui_url: str | None = None
+    rabbitmq_ui_url: str | None = None
+
+    def metrics_port(self, stage: StageName) -> int:
+        """The port a stage process serves Prometheus metrics on."""
+        port: int = getattr(self, f"{stage}_metrics_port")
+        return port
 
     def tuning(self, stage: StageName) -> StageTuning:
         """Prefetch and concurrency for one stage."""
