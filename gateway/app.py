@@ -14,9 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from contracts.settings import Settings
 from gateway import errors
 from gateway.jobs import SqliteJobStore
-from gateway.routes import dead_letters, documents, jobs, ops, search
+from gateway.routes import dead_letters, documents, jobs, ops, page, search
 from gateway.services import Services, refuse_open_exposure
 from gateway.tracker import Tracker
+from stages import tracing
 from stages.backends.blobs import LocalBlobStore
 from stages.backends.vectors import LanceIndex
 from stages.broker import Broker
@@ -81,9 +82,14 @@ def create_app(settings: Settings) -> FastAPI:
             await broker.close()
 
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan)
+    if tracing.enabled():
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        # The upload request's SERVER span is the root of the document's whole trace.
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
-    for module in (documents, jobs, dead_letters, search, ops):
+    for module in (documents, jobs, dead_letters, search, ops, page):
         app.include_router(module.router)
     return app
 
@@ -98,6 +104,7 @@ def serve(settings: Settings) -> None:
 
     refuse_open_exposure(settings)
     configure_logging("sluice-gateway")
+    tracing.setup_tracing("sluice-gateway")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -87,6 +87,7 @@ class NewJob:
     size_bytes: int
     blob_sha256: str
     idempotency_key: str | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,8 @@ class SqliteJobStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
-                " size_bytes, blob_sha256, status, idempotency_key, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (
                     job.job_id,
                     job.document_id,
@@ -186,6 +187,7 @@ class SqliteJobStore:
                     job.size_bytes,
                     job.blob_sha256,
                     job.idempotency_key,
+                    job.trace_id,
                     now,
                     now,
                 ),

@@ -17,6 +17,7 @@ from gateway.errors import ApiError
 from gateway.jobs import NewJob
 from gateway.schemas import Job, UploadAnswer
 from gateway.services import Services
+from stages import tracing
 from stages.backends.blobs import stream_to_staging
 from stages.broker import PublishRejected
 from stages.formats import sniff
@@ -89,6 +90,8 @@ async def accept(
         size_bytes=size,
         blob_sha256=sha256,
         idempotency_key=idempotency_key,
+        # The upload request's trace is the job's: a person goes from a job to its trace.
+        trace_id=tracing.current_trace_id(),
     )
     services.store.create(job)
     try:

@@ -26,6 +26,7 @@ from contracts.topology import (
     STAGE_HEADER,
     binding_key,
 )
+from stages import tracing
 from stages.broker import Broker, header_int
 
 DEAD_AT_HEADER = "x-sluice-dead-at"
@@ -94,13 +95,19 @@ async def replay_each(
                 for k, v in (delivery.headers or {}).items()
                 if not k.startswith("x-sluice-") and k not in ("x-death", "x-delivery-count")
             }
-            await broker.publish_raw(
-                routing.exchange(ns),
-                binding_key(letter.stage),
-                delivery.body,
-                headers={**headers, ATTEMPT_HEADER: 1},
-                message_id=delivery.message_id,
-            )
+            # The replay runs in the replaying request's trace, linked to the original one.
+            with tracing.tracer.start_as_current_span(
+                f"replay {letter.stage}",
+                links=tracing.link_to(delivery.headers),
+                attributes={"sluice.job_id": letter.job_id or "", "sluice.replay": True},
+            ):
+                await broker.publish_raw(
+                    routing.exchange(ns),
+                    binding_key(letter.stage),
+                    delivery.body,
+                    headers={**headers, ATTEMPT_HEADER: 1},
+                    message_id=delivery.message_id,
+                )
             await delivery.ack()
             yield letter
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
 from contracts.settings import Settings
+from stages import metrics
 from stages.backends.embedder import Embedder, make_embedder
 from stages.stage import Stage
 
@@ -31,6 +32,7 @@ def embedding_text(heading: str | None, text: str) -> str:
 async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
     """Embed every chunk of a batch in one model call."""
     texts = [embedding_text(c.heading, c.text) for c in msg.chunks]
+    metrics.EMBED_BATCH_SIZE.observe(len(texts))
     vectors = await asyncio.to_thread(ctx.embedder.embed, texts)
     chunks = [
         EmbeddedChunk(**c.model_dump(), vector=v) for c, v in zip(msg.chunks, vectors, strict=True)

@@ -19,10 +19,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry import trace
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -43,6 +45,7 @@ from contracts.topology import (
     JOB_HEADER,
     STAGE_HEADER,
 )
+from stages import metrics, tracing
 from stages.broker import Broker, PublishRejected, declare_queue, header_int
 from stages.dlq import now_header
 from stages.stage import Stage
@@ -88,6 +91,18 @@ class StageRunner:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        metrics.CONSUMED.labels(self.stage.name).inc()
+        span = trace.get_current_span()
+        span.update_name(f"{self.queue_name} process")
+        tracing.annotate(
+            span,
+            {
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": self.queue_name,
+                "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+                "messaging.message.id": delivery.message_id,
+            },
+        )
         try:
             async with self._slots:
                 await self.process(delivery)
@@ -123,8 +138,23 @@ class StageRunner:
             )
             await self._dead_letter(delivery, msg, crashed, attempt, retryable=False)
             return
-        if msg.unit()[0] == 0:
+        span = trace.get_current_span()
+        index, count, chunks = msg.unit()
+        tracing.annotate(
+            span,
+            {
+                "sluice.job_id": msg.job_id,
+                "sluice.document_id": msg.document_id,
+                "sluice.collection": msg.collection,
+                "sluice.attempt": attempt,
+                "sluice.batch_index": index,
+                "sluice.batch_count": count,
+                "sluice.batch_size": chunks or None,
+            },
+        )
+        if index == 0:
             await self.broker.publish(events.started(self.stage.name, msg, attempt))
+        started = time.perf_counter()
         try:
             outputs = await self._handle(msg)
         except Permanent as exc:
@@ -138,10 +168,16 @@ class StageRunner:
         except PublishRejected:
             # The next stage's queue is full: that is backpressure, not a failure of this
             # message, so it waits in the first retry tier without spending an attempt.
+            metrics.RETRIED.labels(self.stage.name, "pipeline_saturated").inc()
             await self._retry_later(delivery, attempt, self.settings.retry_delays_s[0])
             return
-        await self.broker.publish(events.progress(self.stage.name, msg, outputs, attempt))
+        event = events.progress(self.stage.name, msg, outputs, attempt)
+        await self.broker.publish(event)
         await delivery.ack()
+        metrics.HANDLER_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        metrics.SUCCEEDED.labels(self.stage.name).inc()
+        metrics.CHUNKS.labels(self.stage.name).inc(chunks)
+        tracing.annotate(span, {"sluice.pages": event.pages, "sluice.chunks": event.chunks_total})
 
     async def _handle(self, msg: Message) -> Sequence[Message]:
         """The stage's handler, with short jittered retries of transient errors in-process."""
@@ -173,6 +209,9 @@ class StageRunner:
             exc,
             delay_s,
         )
+        code = exc.code if isinstance(exc, SluiceError) else "internal_error"
+        metrics.RETRIED.labels(self.stage.name, code).inc()
+        tracing.record_failure(trace.get_current_span(), exc)
         await self._retry_later(delivery, attempt + 1, delay_s)
 
     async def _retry_later(
@@ -199,6 +238,8 @@ class StageRunner:
     ) -> None:
         code = exc.code if isinstance(exc, SluiceError) else "internal_error"
         reason = str(exc) or type(exc).__name__
+        metrics.DEAD_LETTERED.labels(self.stage.name, code).inc()
+        tracing.record_failure(trace.get_current_span(), exc)
         job_id = msg.job_id if msg else _peek(delivery.body, "job_id")
         log.error("%s: job %s failed permanently (%s): %s", self.stage.name, job_id, code, reason)
         await self.broker.publish_raw(

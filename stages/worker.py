@@ -10,6 +10,7 @@ from typing import Any
 
 from contracts.messages import StageName
 from contracts.settings import Settings
+from stages import metrics, tracing
 from stages.broker import Broker
 from stages.logs import configure_logging
 from stages.runtime import StageRunner
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 def run_stage(name: StageName, settings: Settings) -> None:
     """Run one stage in the foreground; returns after a clean drain on SIGTERM/SIGINT."""
     configure_logging(f"sluice-{name}")
+    tracing.setup_tracing(f"sluice-{name}")
     asyncio.run(serve(load_stage(name), settings))
 
 
@@ -33,6 +35,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics.serve_metrics(settings.host, settings.metrics_port(name))
     ctx = await stage.startup(settings)
     broker = Broker(settings)
     try:
