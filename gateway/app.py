@@ -103,12 +103,14 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     refuse_open_exposure(settings)
-    configure_logging("sluice-gateway")
+    configure_logging("sluice-gateway", settings.log_format)
     tracing.setup_tracing("sluice-gateway")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        # Our handler formats uvicorn's lines too (JSON off a terminal, with trace ids).
+        log_config=None,
         log_level="info",
         timeout_graceful_shutdown=10,
     )

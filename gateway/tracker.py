@@ -12,6 +12,7 @@ from contracts.events import JobEvent
 from gateway.jobs import JobStore
 from gateway.services import JobChanges
 from stages.broker import Broker, declare_queue
+from stages.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class Tracker:
             log.error("dropping an invalid job event %r: %s", delivery.body[:200], exc)
             await delivery.ack()
             return
-        if self.store.apply(event):
-            self.changes.notify(event.job_id)
+        with log_context(job_id=event.job_id, document_id=event.document_id, stage=event.stage):
+            if event.kind == "failed" and event.error:
+                log.warning("job failed in %s: %s", event.stage, event.error.message)
+            if self.store.apply(event):
+                self.changes.notify(event.job_id)
         await delivery.ack()

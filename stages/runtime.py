@@ -48,6 +48,7 @@ from contracts.topology import (
 from stages import metrics, tracing
 from stages.broker import Broker, PublishRejected, declare_queue, header_int
 from stages.dlq import now_header
+from stages.logs import bind, log_context
 from stages.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class StageRunner:
         )
         try:
             async with self._slots:
-                await self.process(delivery)
+                with log_context(stage=self.stage.name):
+                    await self.process(delivery)
         except Exception:
             # Nothing could be published (the broker went away mid-message): leave the message
             # unacked so RabbitMQ delivers it again; redelivered work is idempotent.
@@ -138,6 +140,7 @@ class StageRunner:
             )
             await self._dead_letter(delivery, msg, crashed, attempt, retryable=False)
             return
+        bind(job_id=msg.job_id, document_id=msg.document_id)
         span = trace.get_current_span()
         index, count, chunks = msg.unit()
         tracing.annotate(
@@ -174,7 +177,16 @@ class StageRunner:
         event = events.progress(self.stage.name, msg, outputs, attempt)
         await self.broker.publish(event)
         await delivery.ack()
-        metrics.HANDLER_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        elapsed_s = time.perf_counter() - started
+        log.info(
+            "%s: %s batch %d/%d done in %.2fs",
+            self.stage.name,
+            msg.filename,
+            index + 1,
+            count,
+            elapsed_s,
+        )
+        metrics.HANDLER_SECONDS.labels(self.stage.name).observe(elapsed_s)
         metrics.SUCCEEDED.labels(self.stage.name).inc()
         metrics.CHUNKS.labels(self.stage.name).inc(chunks)
         tracing.annotate(span, {"sluice.pages": event.pages, "sluice.chunks": event.chunks_total})

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def run_stage(name: StageName, settings: Settings) -> None:
     """Run one stage in the foreground; returns after a clean drain on SIGTERM/SIGINT."""
-    configure_logging(f"sluice-{name}")
+    configure_logging(f"sluice-{name}", settings.log_format)
     tracing.setup_tracing(f"sluice-{name}")
     asyncio.run(serve(load_stage(name), settings))
 

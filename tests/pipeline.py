@@ -147,6 +147,8 @@ def launch(
         "SLUICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "SLUICE_RETRY_DELAYS_S": "[1]",
         "SLUICE_MAX_ATTEMPTS": "2",
+        # Free ports: several test pipelines may run stage processes on one machine.
+        **{f"SLUICE_{stage.upper()}_METRICS_PORT": "0" for stage in STAGES},
         **settings,
     }
     log_dir = root / "logs"
