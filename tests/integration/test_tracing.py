@@ -188,3 +188,45 @@ async def test_one_upload_is_one_trace_from_request_to_index(
         sizes = [s.attributes["sluice.batch_size"] for s in stage_consumers(spans, stage, job_id)]
         assert sum(sizes) == chunks_total, (stage, sizes)
         assert all(1 <= n <= CHUNKS_PER_MESSAGE for n in sizes), (stage, sizes)
+
+
+async def test_a_failure_marks_its_span_and_a_replay_links_to_the_original_trace(
+    traced: Pipeline, receiver: FakeOtlpReceiver, api: httpx.AsyncClient
+) -> None:
+    # A plain file where the collection's table belongs makes every index write fail.
+    blocker = traced.data_dir / "index" / "chunks_traced-failure.lance"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    answer = await api.post(
+        "/v1/documents",
+        files={"file": ("fails.pdf", make_pdf(["The index will refuse this page."]))},
+        data={"collection": "traced-failure"},
+    )
+    job_id = answer.json()["job_id"]
+    failed = await wait_for_job(api, job_id)
+    assert failed["status"] == "failed", failed
+    original_trace = failed["trace_id"]
+
+    def index_errors(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in stage_consumers(spans, "index", job_id) if s.status_code == "ERROR"]
+
+    assert receiver.wait_for(lambda spans: len(index_errors(spans)) >= 2, timeout_s=60), (
+        receiver.summary()
+    )
+    assert all(s.trace_id == original_trace for s in index_errors(receiver.spans()))
+
+    blocker.unlink()
+    assert (await api.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
+    assert (await wait_for_job(api, job_id))["status"] == "indexed"
+
+    def replays(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [
+            s
+            for s in spans
+            if s.name == "replay index" and s.attributes.get("sluice.job_id") == job_id
+        ]
+
+    assert receiver.wait_for(lambda spans: bool(replays(spans)), timeout_s=60), receiver.summary()
+    (replay,) = replays(receiver.spans())
+    assert replay.trace_id != original_trace, "a replay starts in the replaying request's trace"
+    assert [trace_id for trace_id, _ in replay.links] == [original_trace]
