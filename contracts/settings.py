@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     embed_device: str = "auto"
     embed_batch_size: int = Field(64, ge=1)
+    # How long a lone chunk batch waits for others to share its model call.
+    embed_batch_wait_s: float = Field(0.02, ge=0)
     chunk_max_tokens: int = Field(256, ge=16)
     chunk_overlap_tokens: int = Field(32, ge=0)
     chunks_per_message: int = Field(64, ge=1, le=256)
@@ -47,8 +49,8 @@ class Settings(BaseSettings):
     parse_concurrency: int = Field(1, ge=1)
     chunk_prefetch: int = Field(4, ge=1)
     chunk_concurrency: int = Field(2, ge=1)
-    embed_prefetch: int = Field(4, ge=1)
-    embed_concurrency: int = Field(1, ge=1)
+    embed_prefetch: int = Field(16, ge=1)
+    embed_concurrency: int = Field(16, ge=1)
     index_prefetch: int = Field(8, ge=1)
     index_concurrency: int = Field(2, ge=1)
 

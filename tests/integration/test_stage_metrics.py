@@ -199,10 +199,11 @@ async def test_stage_counters_add_up_to_the_jobs(
         # Parse's handler also ran (and raised) for the scan.
         assert expected_consumed[stage] - (stage == "parse") <= handled, (stage, handled)
         assert handled <= expected_consumed[stage], (stage, handled)
-    # Every chunk went through the model exactly once, in at least one call per message.
+    # Every chunk went through the model exactly once; messages share calls, so there are at
+    # most as many calls as messages.
     embed = scraped["embed"]
     assert value(embed, "sluice_embed_batch_size_sum") == chunks
-    assert value(embed, "sluice_embed_batch_size_count") >= batches
+    assert 1 <= value(embed, "sluice_embed_batch_size_count") <= batches
 
     exposed = {stage: await asyncio.to_thread(families, url) for stage, url in urls.items()}
     for stage, names in exposed.items():

@@ -36,7 +36,9 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def embed_ctx() -> embed.EmbedContext:
-    return embed.EmbedContext(SentenceTransformerEmbedder(None, device="cpu", batch_size=16))
+    return embed.context_for(
+        SentenceTransformerEmbedder(None, device="cpu", batch_size=16), max_items=64, max_wait_s=0
+    )
 
 
 async def _parse(settings: Settings, data: bytes, content_type: str) -> DocumentParsed:
