@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     chunk_concurrency: int = Field(2, ge=1)
     embed_prefetch: int = Field(16, ge=1)
     embed_concurrency: int = Field(16, ge=1)
-    index_prefetch: int = Field(8, ge=1)
-    index_concurrency: int = Field(2, ge=1)
+    index_prefetch: int = Field(16, ge=1)
+    index_concurrency: int = Field(16, ge=1)
 
     # Delivery safety: how often a message may crash its worker, and when stage queues push back.
     delivery_limit: int = Field(5, ge=1)

@@ -6,37 +6,62 @@ replaced document is searchable without a gap and never twice.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from contracts.messages import EmbeddedBatch, Message
 from contracts.settings import Settings
 from stages.backends.vectors import LanceIndex, VectorIndex
+from stages.batching import Coalescer
 from stages.stage import Stage
 
 
 @dataclass(frozen=True)
 class IndexContext:
-    """What the index stage needs: the vector index."""
+    """What the index stage needs: the vector index, and its shared writes."""
 
     index: VectorIndex
+    writes: Coalescer[EmbeddedBatch, None]
+
+
+def context_for(index: VectorIndex, *, max_batches: int, max_wait_s: float) -> IndexContext:
+    """An index context whose concurrent messages share writes of up to `max_batches`."""
+    return IndexContext(
+        index,
+        Coalescer(
+            lambda batches: write(index, batches),
+            max_items=max_batches,
+            max_wait_s=max_wait_s,
+            name="index",
+        ),
+    )
 
 
 async def startup(settings: Settings) -> IndexContext:
     """Open the LanceDB directory."""
-    return IndexContext(LanceIndex(settings.index_dir))
+    return context_for(
+        LanceIndex(settings.index_dir),
+        max_batches=settings.tuning("index").concurrency,
+        max_wait_s=settings.embed_batch_wait_s,
+    )
 
 
-def write(index: VectorIndex, msg: EmbeddedBatch) -> None:
-    """Upsert one batch; once the whole version is in, drop older versions' chunks."""
-    index.upsert(msg.collection, msg.document_id, msg.job_id, msg.filename, msg.chunks)
-    if index.count(msg.collection, msg.document_id, msg.job_id) >= msg.chunks_total:
-        index.remove_other_versions(msg.collection, msg.document_id, msg.job_id)
+def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
+    """Upsert batches (one write per collection); once a version is whole, drop older ones."""
+    for collection in {b.collection for b in batches}:
+        index.upsert(collection, [b for b in batches if b.collection == collection])
+    complete = {
+        (b.collection, b.document_id, b.job_id)
+        for b in batches
+        if index.count(b.collection, b.document_id, b.job_id) >= b.chunks_total
+    }
+    for collection, document_id, job_id in complete:
+        index.remove_other_versions(collection, document_id, job_id)
+    return [None] * len(batches)
 
 
 async def handle(msg: EmbeddedBatch, ctx: IndexContext) -> list[Message]:
-    """Write a batch to the index; the runtime reports it, the tracker counts batches."""
-    await asyncio.to_thread(write, ctx.index, msg)
+    """Write a batch to the index, sharing the write with other messages in hand."""
+    await ctx.writes.submit([msg])
     return []
 
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 from pydantic import BaseModel
 
-from contracts.messages import EmbeddedChunk
+from contracts.messages import EmbeddedBatch
 
 
 class SearchHit(BaseModel):
@@ -29,15 +29,8 @@ class SearchHit(BaseModel):
 class VectorIndex(Protocol):
     """Stores chunk vectors per collection and finds the nearest ones."""
 
-    def upsert(
-        self,
-        collection: str,
-        document_id: str,
-        job_id: str,
-        filename: str,
-        chunks: Sequence[EmbeddedChunk],
-    ) -> None:
-        """Insert or replace chunks by chunk id, so redelivery never duplicates one."""
+    def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
+        """Insert or replace the chunks of several batches by chunk id, in one write."""
         ...
 
     def count(self, collection: str, document_id: str, job_id: str) -> int:
@@ -59,6 +52,9 @@ class VectorIndex(Protocol):
     def chunk_ids(self, collection: str, document_id: str) -> list[str]:
         """The id of every stored chunk of a document (duplicates included, if any)."""
         ...
+
+
+_COMPACT_EVERY = 50
 
 
 def _schema(dimensions: int) -> pa.Schema:
@@ -93,6 +89,7 @@ class LanceIndex:
         self.db = lancedb.connect(root, read_consistency_interval=timedelta(0))
         self._tables: dict[str, Any] = {}
         self._write_lock = threading.Lock()
+        self._writes: dict[str, int] = {}
 
     def _table(self, collection: str, dimensions: int | None = None) -> Any | None:
         name = f"chunks_{collection}"
@@ -107,31 +104,32 @@ class LanceIndex:
                 return None
         return self._tables[name]
 
-    def upsert(
-        self,
-        collection: str,
-        document_id: str,
-        job_id: str,
-        filename: str,
-        chunks: Sequence[EmbeddedChunk],
-    ) -> None:
-        """Insert or replace chunks by chunk id, so redelivery never duplicates one."""
+    def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
+        """Insert or replace the chunks of several batches by chunk id, in one write.
+
+        LanceDB makes a new version per write, so many small writes are slow to write and to
+        read: batches share a write, and the table is compacted every `_COMPACT_EVERY` writes.
+        """
         rows = [
             {
                 "chunk_id": c.chunk_id,
-                "document_id": document_id,
-                "job_id": job_id,
-                "filename": filename,
+                "document_id": b.document_id,
+                "job_id": b.job_id,
+                "filename": b.filename,
                 "chunk_index": c.chunk_index,
                 "page": c.page,
                 "heading": c.heading,
                 "text": c.text,
                 "vector": c.vector,
             }
-            for c in chunks
+            for b in batches
+            for c in b.chunks
         ]
+        # A redelivered batch can share a write with its original: merge_insert matches
+        # against the table, not within its own input, so one write must hold each id once.
+        rows = list({str(row["chunk_id"]): row for row in rows}.values())
         with self._write_lock:
-            table = self._table(collection, dimensions=len(chunks[0].vector))
+            table = self._table(collection, dimensions=len(batches[0].chunks[0].vector))
             assert table is not None
             data = pa.Table.from_pylist(rows, schema=table.schema)
             (
@@ -140,6 +138,9 @@ class LanceIndex:
                 .when_not_matched_insert_all()
                 .execute(data)
             )
+            self._writes[collection] = self._writes.get(collection, 0) + 1
+            if self._writes[collection] % _COMPACT_EVERY == 0:
+                table.optimize()
 
     def count(self, collection: str, document_id: str, job_id: str) -> int:
         """How many chunks of this version (job) of a document are stored."""
@@ -152,9 +153,11 @@ class LanceIndex:
     def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
         """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
         table = self._table(collection)
-        if table is not None:
+        where = f"document_id = {_quote(document_id)} AND job_id != {_quote(job_id)}"
+        # A delete is a new table version even when it matches nothing: skip the common case.
+        if table is not None and table.count_rows(where):
             with self._write_lock:
-                table.delete(f"document_id = {_quote(document_id)} AND job_id != {_quote(job_id)}")
+                table.delete(where)
 
     def delete_document(self, collection: str, document_id: str) -> None:
         """Drop every chunk of a document."""

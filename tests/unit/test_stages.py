@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -143,7 +144,7 @@ async def test_embed_gives_unit_vectors_that_rank_by_meaning(
 async def test_index_upserts_and_replaces_old_versions(
     tmp_path: Path, embed_ctx: embed.EmbedContext
 ) -> None:
-    ctx = index.IndexContext(LanceIndex(tmp_path / "index"))
+    ctx = index.context_for(LanceIndex(tmp_path / "index"), max_batches=4, max_wait_s=0)
     first = [await embed.handle(_batch(["one", "two"], i, 2), embed_ctx) for i in range(2)]
     for (batch,) in first:
         assert await index.handle(batch, ctx) == []
@@ -163,3 +164,27 @@ async def test_index_upserts_and_replaces_old_versions(
     assert ctx.index.count("default", "d1", "j2") == 1
     hits = ctx.index.search("default", embedded.chunks[0].vector, k=5)
     assert [h.text for h in hits] == ["three"]
+
+
+async def test_concurrent_index_batches_share_one_write(
+    tmp_path: Path, embed_ctx: embed.EmbedContext
+) -> None:
+    lance = LanceIndex(tmp_path / "index")
+    ctx = index.context_for(lance, max_batches=8, max_wait_s=0.5)
+    batches = [(await embed.handle(_batch([f"text {i}"], i, 4), embed_ctx))[0] for i in range(4)]
+    await asyncio.gather(*(index.handle(b, ctx) for b in batches))
+    table = lance.db.open_table("chunks_default")
+    assert sorted(lance.chunk_ids("default", "d1")) == [f"c{i}-0" for i in range(4)]
+    # One merge for four messages: the table's first version is its creation, the second
+    # the shared write.
+    assert table.version == 2
+
+
+async def test_a_batch_and_its_redelivery_in_one_write_store_each_chunk_once(
+    tmp_path: Path, embed_ctx: embed.EmbedContext
+) -> None:
+    lance = LanceIndex(tmp_path / "index")
+    ctx = index.context_for(lance, max_batches=8, max_wait_s=0.5)
+    (batch,) = await embed.handle(_batch(["once", "only"]), embed_ctx)
+    await asyncio.gather(index.handle(batch, ctx), index.handle(batch, ctx))
+    assert sorted(lance.chunk_ids("default", "d1")) == ["c0-0", "c0-1"]
