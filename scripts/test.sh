@@ -18,11 +18,13 @@ run_step() {
 }
 
 # Tests start their own private RabbitMQ node, so they need the server binaries, not a
-# running service. amqp-tools gives the fault tests a second, independent client.
+# running service. amqp-tools gives the fault tests a second, independent client. The web
+# page's tests drive Debian's chromium (Playwright never downloads a browser).
 ensure_packages() {
   local missing=()
   command -v rabbitmqctl >/dev/null || [[ -x /usr/sbin/rabbitmqctl ]] || missing+=(rabbitmq-server)
   command -v amqp-publish >/dev/null || missing+=(amqp-tools)
+  [[ -x /usr/bin/chromium ]] || missing+=(chromium)
   ((${#missing[@]} == 0)) && return 0
   local sudo=()
   if [[ $(id -u) -ne 0 ]]; then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch, Message
 from contracts.settings import Settings
 from stages.backends.vectors import LanceIndex, VectorIndex
@@ -48,7 +49,17 @@ async def startup(settings: Settings) -> IndexContext:
 def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
     """Upsert batches (one write per collection); once a version is whole, drop older ones."""
     for collection in {b.collection for b in batches}:
-        index.upsert(collection, [b for b in batches if b.collection == collection])
+        try:
+            index.upsert(collection, [b for b in batches if b.collection == collection])
+        except (OSError, RuntimeError) as exc:
+            # LanceDB's own message names Rust source files; say what a person can check.
+            cause = str(exc).split(":", 2)[-1].split(", /")[0].strip()[:300]
+            raise Transient(
+                f"Could not write to the index of collection {collection!r} ({cause}). "
+                "Check that the index directory under SLUICE_DATA_DIR is writable and not "
+                "damaged, then retry the job.",
+                code="index_unavailable",
+            ) from exc
     complete = {
         (b.collection, b.document_id, b.job_id)
         for b in batches

@@ -1,0 +1,624 @@
+// Sluice's page: drop files, watch each one move through the pipeline, list jobs, search.
+// Plain ES module, no build step; every text from the server goes into the DOM as text.
+
+// A browser opens at most 6 HTTP/1.1 connections to one host. Uploads and live event
+// streams share 4 of them, so a 500-file drop never opens 500 requests and the jobs list,
+// search and retry always have a connection of their own.
+const SLOTS = 4;
+// A stream holds its slot at most this long while other rows wait for one; then it goes to
+// the back of the line, so a stuck job cannot starve the rest.
+const SLICE_MS = 15_000;
+const KEY_STORE = "sluice.apiKey";
+const TERMINAL = new Set(["indexed", "failed"]);
+const STATUS_OF_STAGE = { parse: "parsing", chunk: "chunking", embed: "embedding", index: "indexing" };
+// Rough share of the work done when a job enters each status (for the progress bar).
+const START_OF = { queued: 0, parsing: 0.05, chunking: 0.2, embedding: 0.3, indexing: 0.7, indexed: 1 };
+const STOP_WORDS = new Set(
+  "the and for are but not you all any can had her was one our out has his how its may who did yet from that this with have into than then them they what when where which while will your been were".split(" "),
+);
+
+const $ = (id) => document.getElementById(id);
+let config = { auth_required: false, jaeger_ui_url: null, rabbitmq_ui_url: null };
+
+// ---- small helpers ------------------------------------------------------------------
+
+/** An element with properties, attributes (`attrs`) and children (nodes or strings). */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  const { attrs = {}, ...rest } = props;
+  Object.assign(node, rest);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  node.append(...children.filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+
+const plural = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Runs async tasks at most `size` at a time, first come first served. */
+class Pool {
+  constructor(size) {
+    this.size = size;
+    this.running = 0;
+    this.queue = [];
+  }
+
+  get waiting() {
+    return this.queue.length;
+  }
+
+  run(task) {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ task, resolve, reject });
+      this.#next();
+    });
+  }
+
+  #next() {
+    while (this.running < this.size && this.queue.length > 0) {
+      const { task, resolve, reject } = this.queue.shift();
+      this.running += 1;
+      Promise.resolve()
+        .then(task)
+        .then(resolve, reject)
+        .finally(() => {
+          this.running -= 1;
+          this.#next();
+        });
+    }
+  }
+}
+
+const slots = new Pool(SLOTS);
+
+// ---- the API, with the key asked for once on a 401 ----------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** The gateway's `error.message` of a failed answer, as an ApiError. */
+async function errorOf(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // Not JSON (a proxy's page): fall back to the status line.
+  }
+  const error = body?.error ?? {};
+  return new ApiError(
+    response.status,
+    error.code ?? "http_error",
+    error.message ?? `The gateway answered ${response.status} ${response.statusText}.`,
+  );
+}
+
+const auth = { key: sessionStorage.getItem(KEY_STORE), asking: null };
+
+function authHeaders(headers = {}) {
+  const all = new Headers(headers);
+  if (auth.key) all.set("Authorization", `Bearer ${auth.key}`);
+  return all;
+}
+
+/** fetch() with the session's key; on a 401 asks for a key (once for all callers) and retries. */
+async function api(path, init = {}) {
+  for (;;) {
+    const keyUsed = auth.key;
+    const response = await fetch(path, { ...init, headers: authHeaders(init.headers) });
+    if (response.status !== 401) return response;
+    if (!(await askForKey(keyUsed))) throw await errorOf(response);
+  }
+}
+
+/** Resolves true once a key other than `keyUsed` is set; false if the person dismissed the form. */
+function askForKey(keyUsed) {
+  if (auth.key !== keyUsed) return Promise.resolve(true);
+  if (auth.asking) return auth.asking;
+  const dialog = $("key-dialog");
+  $("key-reason").textContent = keyUsed
+    ? "That API key was not accepted. Enter a valid one; it is kept in this browser tab only."
+    : "This gateway asks for an API key. It is kept in this browser tab only.";
+  $("key-input").value = "";
+  auth.asking = new Promise((resolve) => {
+    const onSubmit = async (event) => {
+      // Closed by hand once the links that need the key are loaded, so rows drawn after
+      // the retried calls can already link to their traces.
+      event.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) return;
+      auth.key = key;
+      sessionStorage.setItem(KEY_STORE, key);
+      await loadConfig();
+      dialog.close();
+    };
+    // Also when dismissed with Escape: the waiting calls then fail with the gateway's 401.
+    const onClose = () => finish(auth.key !== keyUsed);
+    const finish = (given) => {
+      $("key-form").removeEventListener("submit", onSubmit);
+      dialog.removeEventListener("close", onClose);
+      auth.asking = null;
+      resolve(given);
+    };
+    $("key-form").addEventListener("submit", onSubmit);
+    dialog.addEventListener("close", onClose);
+    dialog.showModal();
+  });
+  return auth.asking;
+}
+
+async function loadConfig() {
+  try {
+    const response = await fetch("/v1/config", { headers: authHeaders() });
+    if (response.ok) config = await response.json();
+  } catch {
+    // The page still works without the operator links.
+  }
+  renderToolLinks();
+}
+
+function renderToolLinks() {
+  const links = [
+    ["RabbitMQ management", config.rabbitmq_ui_url],
+    ["Jaeger traces", config.jaeger_ui_url],
+  ].filter(([, url]) => url);
+  $("tool-links").replaceChildren(
+    ...links.map(([text, url]) => el("li", {}, el("a", { href: url, textContent: text }))),
+  );
+}
+
+function traceUrl(job) {
+  if (!config.jaeger_ui_url || !job.trace_id) return null;
+  return `${config.jaeger_ui_url.replace(/\/+$/, "")}/trace/${encodeURIComponent(job.trace_id)}`;
+}
+
+// ---- the live event stream, read with fetch() so it can carry the key ---------------
+
+/** Calls `onEvent(type, data)` for each server-sent event until the stream ends. */
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = /\r\n\r\n|\n\n|\r\r/.exec(buffer))) {
+      const block = buffer.slice(0, end.index);
+      buffer = buffer.slice(end.index + end[0].length);
+      let type = "message";
+      const data = [];
+      for (const line of block.split(/\r\n|\r|\n/)) {
+        if (line === "" || line.startsWith(":")) continue; // a keepalive comment
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") type = text;
+        else if (field === "data") data.push(text);
+      }
+      if (data.length > 0) onEvent(type, data.join("\n"));
+    }
+  }
+}
+
+/** Shows a job's events on its row while holding a slot; "ended", "sliced" or "broken". */
+async function streamJob(row) {
+  const controller = new AbortController();
+  const started = Date.now();
+  const timer = setInterval(() => {
+    if (slots.waiting > 0 && Date.now() - started > SLICE_MS) controller.abort();
+  }, 1000);
+  let job = null;
+  try {
+    const path = `/v1/jobs/${encodeURIComponent(row.jobId)}/events`;
+    const response = await api(path, { signal: controller.signal });
+    if (!response.ok) throw await errorOf(response);
+    await readEvents(response, (type, data) => {
+      if (type !== "status") return;
+      job = JSON.parse(data);
+      row.show(job);
+    });
+  } catch (error) {
+    if (controller.signal.aborted) return "sliced";
+    if (error instanceof ApiError) throw error;
+    return "broken"; // the network or the gateway went away: try again later
+  } finally {
+    clearInterval(timer);
+  }
+  return job && TERMINAL.has(job.status) ? "ended" : "broken";
+}
+
+/** Follows a job live until it is indexed or failed. */
+async function follow(row) {
+  let failures = 0;
+  for (;;) {
+    let outcome;
+    try {
+      outcome = await slots.run(() => streamJob(row));
+    } catch (error) {
+      row.note(error.message);
+      return;
+    }
+    if (outcome === "ended") {
+      jobsChanged();
+      return;
+    }
+    failures = outcome === "broken" ? failures + 1 : 0;
+    if (failures > 0) await sleep(Math.min(30_000, 500 * 2 ** failures));
+  }
+}
+
+// ---- rendering a job (shared by the live rows and the jobs list) --------------------
+
+function fraction(job) {
+  const status = job.status === "failed" ? STATUS_OF_STAGE[job.error?.stage] : job.status;
+  const { chunks_total: total, chunks_embedded: embedded, chunks_indexed: indexed } = job.progress;
+  if (status === "embedding" && total) return START_OF.embedding + 0.4 * (embedded / total);
+  if (status === "indexing" && total) return START_OF.indexing + 0.3 * (indexed / total);
+  return START_OF[status] ?? 0;
+}
+
+function countText(job) {
+  const { chunks_total: total, chunks_embedded: embedded, chunks_indexed: indexed, pages } =
+    job.progress;
+  if (job.status === "embedding" && total) return `${embedded} / ${total} chunks embedded`;
+  if (job.status === "indexing" && total) return `${indexed} / ${total} chunks indexed`;
+  if (job.status === "indexed" && total !== null) {
+    const chunks = plural(total, "chunk");
+    return pages ? `${chunks}, ${plural(pages, "page")}` : chunks;
+  }
+  return null;
+}
+
+function statusCell(state, { count = null, stalled = false, duplicate = false } = {}) {
+  return [
+    el("span", { className: `state state-${state}`, textContent: state }),
+    stalled && el("span", { className: "tag stalled", textContent: "stalled" }),
+    duplicate && el("span", { className: "tag duplicate", textContent: "duplicate" }),
+    count && el("span", { className: "count", textContent: count }),
+  ].filter(Boolean);
+}
+
+function progressBar(value, filename) {
+  return el("progress", {
+    max: 1,
+    value,
+    attrs: { "aria-label": `Progress of ${filename}` },
+  });
+}
+
+/** The details cell of a job: the failure and what to do about it. */
+function jobDetails(job, onRetry) {
+  const parts = [];
+  if (job.status === "failed" && job.error) {
+    parts.push(
+      el(
+        "p",
+        { className: "error" },
+        el("strong", { textContent: `Failed in ${job.error.stage}: ` }),
+        job.error.message,
+      ),
+    );
+    const retry = el("button", { type: "button", className: "small", textContent: "Retry" });
+    retry.setAttribute("aria-label", `Retry ${job.filename}`);
+    retry.addEventListener("click", () => {
+      retry.disabled = true;
+      onRetry(job);
+    });
+    parts.push(retry);
+  }
+  const trace = traceUrl(job);
+  if (trace && (job.status === "failed" || job.stalled)) {
+    parts.push(el("a", { href: trace, textContent: "Trace in Jaeger", target: "_blank", rel: "noopener" }));
+  }
+  return parts;
+}
+
+// ---- live rows: this session's uploads ----------------------------------------------
+
+class LiveRow {
+  constructor(filename, collection) {
+    this.filename = filename;
+    this.jobId = null;
+    this.duplicate = false;
+    this.cells = {
+      file: el("td", { className: "file", textContent: filename }),
+      collection: el("td", { className: "collection", textContent: collection }),
+      status: el("td", { className: "status" }),
+      progress: el("td"),
+      details: el("td", { className: "details" }),
+    };
+    this.tr = el("tr", {}, ...Object.values(this.cells));
+    $("live-rows").append(this.tr);
+    $("live-table").hidden = false;
+    $("live-empty").hidden = true;
+  }
+
+  state(state, details = []) {
+    this.tr.dataset.status = state;
+    this.cells.status.replaceChildren(...statusCell(state, { duplicate: this.duplicate }));
+    this.cells.progress.replaceChildren();
+    this.cells.details.replaceChildren(...details);
+  }
+
+  show(job) {
+    this.jobId = job.job_id;
+    this.tr.dataset.status = job.status;
+    this.tr.dataset.jobId = job.job_id;
+    this.cells.status.replaceChildren(
+      ...statusCell(job.status, {
+        count: countText(job),
+        stalled: job.stalled,
+        duplicate: this.duplicate,
+      }),
+    );
+    this.cells.progress.replaceChildren(progressBar(fraction(job), this.filename));
+    this.cells.details.replaceChildren(...jobDetails(job, () => retryHere(this)));
+  }
+
+  note(message) {
+    this.cells.details.append(el("p", { className: "error", textContent: message }));
+  }
+}
+
+async function retryJob(jobId) {
+  const response = await api(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, { method: "POST" });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
+async function retryHere(row) {
+  try {
+    row.show(await retryJob(row.jobId));
+  } catch (error) {
+    row.note(error.message);
+    return;
+  }
+  follow(row);
+}
+
+// ---- uploads ------------------------------------------------------------------------
+
+async function sendFile(file, collection) {
+  const body = new FormData();
+  body.append("collection", collection);
+  body.append("file", file, file.name);
+  const response = await api("/v1/documents", { method: "POST", body });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
+/** Uploads one file in its turn, then follows its job. */
+async function upload(row, file, collection) {
+  row.state("waiting");
+  let answer;
+  try {
+    answer = await slots.run(() => {
+      row.state("uploading");
+      return sendFile(file, collection);
+    });
+  } catch (error) {
+    const message = error instanceof ApiError ? error.message : `Upload failed: ${error.message}`;
+    const details = [el("p", { className: "error", textContent: message })];
+    // Saturation and an absent broker pass; a network error may too.
+    if (!(error instanceof ApiError) || [429, 503].includes(error.status)) {
+      const again = el("button", { type: "button", className: "small", textContent: "Try again" });
+      again.setAttribute("aria-label", `Upload ${file.name} again`);
+      again.addEventListener("click", () => upload(row, file, collection));
+      details.push(again);
+    }
+    row.state("rejected", details);
+    return;
+  }
+  row.duplicate = Boolean(answer.duplicate);
+  row.jobId = answer.job_id;
+  row.state(answer.status);
+  follow(row);
+}
+
+function addFiles(files) {
+  const input = $("upload-collection");
+  if (!input.checkValidity()) {
+    input.reportValidity();
+    return;
+  }
+  const collection = input.value;
+  // Every row appears at once; the pool decides when each is sent.
+  for (const file of files) upload(new LiveRow(file.name, collection), file, collection);
+}
+
+function wireUploads() {
+  const zone = $("dropzone");
+  const input = $("file-input");
+  $("pick-files").addEventListener("click", () => input.click());
+  input.addEventListener("change", () => {
+    addFiles([...input.files]);
+    input.value = "";
+  });
+  $("upload-form").addEventListener("submit", (event) => event.preventDefault());
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+      zone.classList.add("over");
+    });
+  }
+  zone.addEventListener("dragleave", (event) => {
+    if (!zone.contains(event.relatedTarget)) zone.classList.remove("over");
+  });
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    addFiles([...event.dataTransfer.files]);
+  });
+  // A file dropped next to the zone must not navigate away from the page.
+  for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
+}
+
+// ---- the jobs list, from the API, filters in the URL --------------------------------
+
+const FILTERS = ["status", "collection", "stalled"];
+let nextCursor = null;
+
+function filtersFromUrl() {
+  const query = new URLSearchParams(location.search);
+  for (const name of FILTERS) $(`filter-${name}`).value = query.get(name) ?? "";
+}
+
+function filterParams() {
+  const params = new URLSearchParams();
+  for (const name of FILTERS) {
+    const value = $(`filter-${name}`).value.trim();
+    if (value) params.set(name, value);
+  }
+  return params;
+}
+
+function jobRow(job) {
+  const cells = [
+    el("td", { className: "file", textContent: job.filename }),
+    el("td", { className: "collection", textContent: job.collection }),
+    el("td", { className: "status" }, ...statusCell(job.status, { count: countText(job), stalled: job.stalled })),
+    el("td", {}, progressBar(fraction(job), job.filename)),
+    el("td", { className: "details" }, ...jobDetails(job, retryFromList)),
+    el(
+      "td",
+      {},
+      el("time", { dateTime: job.updated_at, textContent: new Date(job.updated_at).toLocaleString() }),
+    ),
+  ];
+  const tr = el("tr", {}, ...cells);
+  tr.dataset.status = job.status;
+  tr.dataset.jobId = job.job_id;
+  if (job.stalled) tr.classList.add("is-stalled");
+  return tr;
+}
+
+async function loadJobs({ more = false } = {}) {
+  const params = filterParams();
+  params.set("limit", "50");
+  if (more && nextCursor) params.set("cursor", nextCursor);
+  const message = $("jobs-message");
+  let page;
+  try {
+    const response = await api(`/v1/jobs?${params}`);
+    if (!response.ok) throw await errorOf(response);
+    page = await response.json();
+  } catch (error) {
+    message.textContent = `Could not list jobs: ${error.message}`;
+    return;
+  }
+  const rows = page.jobs.map(jobRow);
+  if (more) $("jobs-rows").append(...rows);
+  else $("jobs-rows").replaceChildren(...rows);
+  nextCursor = page.next_cursor;
+  const shown = $("jobs-rows").children.length;
+  $("jobs-table").hidden = shown === 0;
+  $("jobs-more").hidden = !nextCursor;
+  if (shown > 0) message.textContent = `${plural(shown, "job")} shown.`;
+  else message.textContent = filterParams().size ? "No jobs match these filters." : "No jobs yet.";
+}
+
+async function retryFromList(job) {
+  try {
+    const retried = await retryJob(job.job_id);
+    const row = new LiveRow(retried.filename, retried.collection);
+    row.show(retried);
+    follow(row);
+  } catch (error) {
+    $("jobs-message").textContent = `Retry of ${job.filename} failed: ${error.message}`;
+  }
+  loadJobs();
+}
+
+let refreshTimer = null;
+/** A followed job ended: refresh the list soon (once for a burst of endings). */
+function jobsChanged() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(() => loadJobs(), 1500);
+}
+
+function wireJobs() {
+  $("jobs-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!event.target.reportValidity()) return;
+    const params = filterParams();
+    const query = params.size ? `?${params}` : location.pathname;
+    if (query !== location.search) history.pushState(null, "", query);
+    loadJobs();
+  });
+  $("jobs-more").addEventListener("click", () => loadJobs({ more: true }));
+  window.addEventListener("popstate", () => {
+    filtersFromUrl();
+    loadJobs();
+  });
+}
+
+// ---- search -------------------------------------------------------------------------
+
+function queryTerms(query) {
+  const words = query.toLowerCase().match(/[\p{L}\p{N}]+/gu) ?? [];
+  return [...new Set(words)].filter((w) => w.length >= 3 && !STOP_WORDS.has(w));
+}
+
+/** The text as DOM nodes, terms wrapped in <mark>; text nodes, so nothing is parsed as HTML. */
+function highlighted(text, terms) {
+  if (terms.length === 0) return [text];
+  const escaped = terms
+    .sort((a, b) => b.length - a.length)
+    .map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+  const pattern = new RegExp(`(?<![\\p{L}\\p{N}])(?:${escaped.join("|")})`, "giu");
+  const nodes = [];
+  let last = 0;
+  for (const match of text.matchAll(pattern)) {
+    nodes.push(text.slice(last, match.index), el("mark", { textContent: match[0] }));
+    last = match.index + match[0].length;
+  }
+  nodes.push(text.slice(last));
+  return nodes.filter((n) => n !== "");
+}
+
+function resultItem(hit, terms) {
+  const meta = [el("strong", { textContent: hit.filename })];
+  if (hit.page !== null) meta.push(` · page ${hit.page}`);
+  meta.push(` · score ${hit.score.toFixed(3)}`);
+  return el(
+    "li",
+    {},
+    el("p", { className: "meta" }, ...meta),
+    el("p", { className: "text" }, ...highlighted(hit.text, terms)),
+  );
+}
+
+async function search(event) {
+  event.preventDefault();
+  const form = event.target;
+  if (!form.reportValidity()) return;
+  const params = new URLSearchParams(new FormData(form));
+  const message = $("search-message");
+  message.textContent = "Searching…";
+  try {
+    const response = await api(`/v1/search?${params}`);
+    if (!response.ok) throw await errorOf(response);
+    const { results } = await response.json();
+    const terms = queryTerms(params.get("q"));
+    $("search-results").replaceChildren(...results.map((hit) => resultItem(hit, terms)));
+    message.textContent = results.length ? `${results.length} results.` : "Nothing found.";
+  } catch (error) {
+    $("search-results").replaceChildren();
+    message.textContent = `Search failed: ${error.message}`;
+  }
+}
+
+// ---- start --------------------------------------------------------------------------
+
+wireUploads();
+wireJobs();
+$("search-form").addEventListener("submit", search);
+filtersFromUrl();
+await loadConfig();
+loadJobs();

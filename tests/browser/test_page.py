@@ -1,0 +1,474 @@
+"""The web page in a real headless Chromium against a real gateway and pipeline: files dropped
+on the page reach `indexed` live, rejections and failures show their reasons, Retry resumes a
+failed job, search highlights the query, filters survive a reload, and API keys are asked for.
+
+Screenshots of each state go to test-artifacts/browser/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from broker import BrokerHandle
+from documents import (
+    DOCX_SENTENCE,
+    HTML_SENTENCE,
+    MD_SENTENCE,
+    PDF_PAGE_2,
+    make_docx,
+    make_html,
+    make_image_only_pdf,
+    make_markdown,
+    make_pdf,
+    make_png,
+)
+from fakes.otlp_receiver import FakeOtlpReceiver
+from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
+from playwright.async_api import (
+    Browser,
+    FileChooser,
+    FilePayload,
+    Locator,
+    Page,
+    async_playwright,
+    expect,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
+JAEGER_UI = "http://127.0.0.1:16686"
+RABBITMQ_UI = "http://127.0.0.1:15672"
+API_KEY = "page-key-7f3a"
+# A whole job on the real model takes seconds; the deadline is for a slow CI machine.
+JOB_DEADLINE_MS = 120_000
+
+pytestmark = pytest.mark.integration
+
+# No skipping: scripts/test.sh installs Debian's chromium, and a missing browser must fail
+# loudly rather than leave the page untested.
+assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium (scripts/test.sh does)"
+
+
+def unique(prefix: str) -> str:
+    """A collection name no other test (or earlier run on the same data) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[FakeOtlpReceiver]:
+    """Collects spans, so jobs carry a trace id and the page can link to their trace."""
+    with FakeOtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sluice(
+    broker: BrokerHandle, receiver: FakeOtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    """One real pipeline for the module, with operator UI links configured."""
+    running = start_pipeline(
+        broker,
+        tmp_path_factory.mktemp("page"),
+        SLUICE_JAEGER_UI_URL=JAEGER_UI,
+        SLUICE_RABBITMQ_UI_URL=RABBITMQ_UI,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+    )
+    try:
+        yield running
+    finally:
+        stop_pipeline(running)
+
+
+@pytest.fixture(scope="module")
+def keyed(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """A pipeline that wants an API key, and flags a job stalled after two quiet seconds."""
+    running = start_pipeline(
+        broker,
+        tmp_path_factory.mktemp("page-keyed"),
+        SLUICE_API_KEYS=API_KEY,
+        SLUICE_STALLED_AFTER_S="2",
+    )
+    try:
+        yield running
+    finally:
+        stop_pipeline(running)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless; Playwright never downloads a browser of its own."""
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh tab (own session storage); fails the test on any script error in the page."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = await context.new_page()
+    problems: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+
+    def on_console(message: Any) -> None:
+        # Chromium logs every 4xx answer; the page is meant to receive some of those.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            problems.append(f"console error: {message.text}")
+
+    opened.on("console", on_console)
+    try:
+        yield opened
+    finally:
+        await context.close()
+    assert problems == []
+
+
+async def snap(page: Page, name: str) -> None:
+    """A full-page screenshot for a person to look at."""
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def live_row(page: Page, filename: str) -> Locator:
+    """The row of one file in this session's uploads."""
+    return page.locator("#live-rows tr").filter(
+        has=page.locator("td.file", has_text=re.compile(f"^{re.escape(filename)}$"))
+    )
+
+
+async def expect_state(row: Locator, state: str, timeout_ms: int = JOB_DEADLINE_MS) -> None:
+    """Wait (auto-retrying, up to the deadline) until the row shows this state."""
+    await expect(row.locator(".state")).to_have_text(state, timeout=timeout_ms)
+
+
+async def drop(page: Page, files: dict[str, bytes]) -> None:
+    """Drag files onto the drop zone: real dragenter/dragover/drop events with a DataTransfer."""
+    payload = {name: base64.b64encode(data).decode() for name, data in files.items()}
+    transfer = await page.evaluate_handle(
+        """(files) => {
+            const transfer = new DataTransfer();
+            for (const [name, b64] of Object.entries(files)) {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name));
+            }
+            return transfer;
+        }""",
+        payload,
+    )
+    zone = page.locator("#dropzone")
+    for kind in ("dragenter", "dragover", "drop"):
+        await zone.dispatch_event(kind, {"dataTransfer": transfer})
+
+
+def payload(name: str, data: bytes) -> FilePayload:
+    """A file as the browser's file picker would hand it over."""
+    return {"name": name, "mimeType": "application/octet-stream", "buffer": data}
+
+
+async def pick(page: Page, files: dict[str, bytes]) -> None:
+    """Choose files with the file input, as the file picker would."""
+    await page.locator("#file-input").set_input_files([payload(n, d) for n, d in files.items()])
+
+
+async def open_page(page: Page, url: str, collection: str | None = None) -> None:
+    """Load the page and set the upload collection."""
+    await page.goto(url)
+    await expect(page.locator("#jobs-message")).not_to_be_empty()
+    if collection is not None:
+        await page.locator("#upload-collection").fill(collection)
+
+
+def track_connections(page: Page) -> dict[str, Any]:
+    """Counts the page's uploads and event streams, and the most open at once."""
+    seen: dict[str, Any] = {"open": 0, "max_open": 0, "streams": 0, "polls": 0}
+    pooled = re.compile(r"/v1/documents$|/v1/jobs/[^/?]+/events$")
+
+    def opened(request: Any) -> None:
+        if re.search(r"/v1/jobs/[^/?]+$", request.url):
+            seen["polls"] += 1
+        if pooled.search(request.url):
+            seen["streams"] += request.url.endswith("/events")
+            seen["open"] += 1
+            seen["max_open"] = max(seen["max_open"], seen["open"])
+
+    def closed(request: Any) -> None:
+        if pooled.search(request.url):
+            seen["open"] -= 1
+
+    page.on("request", opened)
+    page.on("requestfinished", closed)
+    page.on("requestfailed", closed)
+    return seen
+
+
+async def test_dropped_and_picked_files_each_reach_indexed_live(
+    page: Page, sluice: Pipeline
+) -> None:
+    seen = track_connections(page)
+    await open_page(page, sluice.url, unique("mixed"))
+    await expect(page.locator("#tool-links a")).to_have_text(
+        ["RabbitMQ management", "Jaeger traces"]
+    )
+    await pick(
+        page,
+        {
+            "terns.pdf": make_pdf(["Seabirds of the north.", PDF_PAGE_2]),
+            "audit.docx": make_docx([DOCX_SENTENCE], [["Item", "Count"], ["Bolts", "12"]]),
+        },
+    )
+    await drop(page, {"lighthouse.html": make_html("Lighthouses", [HTML_SENTENCE])})
+    # Every file has its row at once, before any of them is done.
+    await expect(page.locator("#live-rows tr")).to_have_count(3, timeout=2_000)
+    await snap(page, "01-uploads-in-flight")
+    for name in ("terns.pdf", "audit.docx", "lighthouse.html"):
+        await expect_state(live_row(page, name), "indexed")
+    await expect(live_row(page, "terns.pdf").locator(".count")).to_have_text(
+        re.compile(r"^\d+ chunks, 2 pages$")
+    )
+    await snap(page, "02-uploads-indexed")
+    # Progress came from the event streams, not from polling the job.
+    assert seen["streams"] >= 3 and seen["polls"] == 0, seen
+
+
+async def test_many_files_upload_a_few_at_a_time(page: Page, sluice: Pipeline) -> None:
+    seen = track_connections(page)
+    await open_page(page, sluice.url, unique("many"))
+    notes = {
+        f"note-{n:02d}.md": make_markdown(f"Note {n}", {"Body": f"Harbour note number {n}."})
+        for n in range(12)
+    }
+    await drop(page, notes)
+    await expect(page.locator("#live-rows tr")).to_have_count(12, timeout=2_000)
+    for name in notes:
+        await expect_state(live_row(page, name), "indexed")
+    # Uploads and live streams share four connections, whatever the size of the drop.
+    assert 1 <= seen["max_open"] <= 4, seen
+
+
+async def test_an_unsupported_file_shows_its_reason_and_the_rest_carry_on(
+    page: Page, sluice: Pipeline
+) -> None:
+    async with httpx.AsyncClient(base_url=sluice.url) as api:
+        refused = await api.post("/v1/documents", files={"file": ("scan.pdf", make_png())})
+    assert refused.status_code == 415
+    reason = refused.json()["error"]["message"]
+
+    await open_page(page, sluice.url, unique("mixed"))
+    await drop(
+        page,
+        {
+            "scan.pdf": make_png(),
+            "bread.md": make_markdown("Bread", {"Method": MD_SENTENCE}),
+        },
+    )
+    rejected = live_row(page, "scan.pdf")
+    await expect_state(rejected, "rejected", 10_000)
+    await expect(rejected.locator(".details")).to_have_text(reason)
+    await expect_state(live_row(page, "bread.md"), "indexed")
+    await snap(page, "03-unsupported-file-rejected")
+
+
+async def test_a_failed_job_shows_stage_and_reason_and_retry_finishes_it(
+    page: Page, sluice: Pipeline
+) -> None:
+    collection = unique("blocked")
+    # A plain file where the collection's table belongs makes every index write fail.
+    blocker = sluice.data_dir / "index" / f"chunks_{collection}.lance"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+
+    await open_page(page, sluice.url, collection)
+    await pick(page, {"blocked.md": make_markdown("Blocked", {"A": MD_SENTENCE})})
+    row = live_row(page, "blocked.md")
+    await expect_state(row, "failed")
+    details = row.locator(".details")
+    await expect(details.locator(".error")).to_contain_text("Failed in index:")
+    assert len(await details.locator(".error").inner_text()) > len("Failed in index: ") + 10
+    trace = details.get_by_role("link", name="Trace in Jaeger")
+    await expect(trace).to_have_attribute(
+        "href", re.compile(rf"^{JAEGER_UI}/trace/[0-9a-f]{{32}}$")
+    )
+    await snap(page, "04-failed-with-reason")
+
+    blocker.unlink()
+    await details.get_by_role("button", name="Retry blocked.md").click()
+    await expect_state(row, "indexed")
+    await expect(details.locator(".error")).to_have_count(0)
+    await snap(page, "05-retried-and-indexed")
+
+
+async def test_search_shows_the_document_and_highlights_the_query(
+    page: Page, sluice: Pipeline
+) -> None:
+    collection = unique("search")
+    await open_page(page, sluice.url, collection)
+    await pick(
+        page,
+        {
+            "bread.md": make_markdown("Bread", {"Method": MD_SENTENCE}),
+            "terns.pdf": make_pdf(["Seabirds of the north.", PDF_PAGE_2]),
+        },
+    )
+    for name in ("bread.md", "terns.pdf"):
+        await expect_state(live_row(page, name), "indexed")
+
+    await page.get_by_label("Query").fill("Which birds migrate from pole to pole?")
+    await page.locator("#search-collection").fill(collection)
+    await page.get_by_label("Results").fill("2")
+    await page.get_by_role("button", name="Search", exact=True).click()
+    first = page.locator("#search-results li").first
+    # The gateway loads its query model at the first search: seconds, not milliseconds.
+    await expect(first.locator(".meta strong")).to_have_text("terns.pdf", timeout=60_000)
+    await expect(first.locator(".meta")).to_contain_text("page 2")
+    await expect(first.locator("mark")).to_contain_text(["migrate", "pole", "pole"])
+    await expect(page.locator("#search-results li")).to_have_count(2)
+    await snap(page, "06-search-results")
+
+
+async def test_jobs_view_keeps_its_filters_across_a_reload(page: Page, sluice: Pipeline) -> None:
+    collection = unique("filters")
+    async with httpx.AsyncClient(base_url=sluice.url, timeout=30) as api:
+        ids = []
+        for name, data, coll in (
+            ("good.md", make_markdown("Good", {"A": MD_SENTENCE}), collection),
+            ("scan.pdf", make_image_only_pdf(), collection),
+            ("elsewhere.md", make_markdown("Other", {"B": HTML_SENTENCE}), unique("other")),
+        ):
+            answer = await api.post(
+                "/v1/documents", files={"file": (name, data)}, data={"collection": coll}
+            )
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["job_id"])
+        ended = [await wait_for_job(api, job_id) for job_id in ids]
+    assert [job["status"] for job in ended] == ["indexed", "failed", "indexed"]
+
+    await page.goto(f"{sluice.url}/?status=failed&collection={collection}")
+    rows = page.locator("#jobs-rows tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.locator("td.file")).to_have_text("scan.pdf")
+    await expect(rows.first.locator(".error")).to_contain_text("Failed in parse:")
+    await expect(page.locator("#filter-status")).to_have_value("failed")
+    await expect(page.locator("#filter-collection")).to_have_value(collection)
+
+    # Change a filter with the form: the URL follows, and a reload keeps it.
+    await page.locator("#filter-status").select_option("indexed")
+    await page.get_by_role("button", name="Show jobs").click()
+    await expect(page).to_have_url(re.compile(rf"\?status=indexed&collection={collection}$"))
+    await page.reload()
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.locator("td.file")).to_have_text("good.md")
+    await expect(page.locator("#filter-status")).to_have_value("indexed")
+    await snap(page, "07-jobs-filtered-after-reload")
+
+    await page.goto(f"{sluice.url}/?stalled=true&collection={collection}")
+    await expect(page.locator("#jobs-message")).to_have_text("No jobs match these filters.")
+    await expect(page.locator("#filter-stalled")).to_have_value("true")
+
+
+async def test_keyboard_reaches_the_file_button_and_search_with_a_visible_focus_ring(
+    page: Page, sluice: Pipeline
+) -> None:
+    # Subscribed well before the key press: `expect_file_chooser` turns interception on
+    # asynchronously, and the press could win that race (the native picker then opens).
+    choosers: asyncio.Queue[FileChooser] = asyncio.Queue()
+    page.on("filechooser", choosers.put_nowait)
+    await open_page(page, sluice.url, unique("keys"))
+    unlabelled = await page.evaluate(
+        """() => [...document.querySelectorAll('input, select')]
+                .filter((e) => e.labels.length === 0 && !e.getAttribute('aria-label'))
+                .map((e) => e.id)"""
+    )
+    assert unlabelled == []
+
+    async def tab_to(element_id: str) -> dict[str, str]:
+        for _ in range(40):
+            await page.keyboard.press("Tab")
+            focused = await page.evaluate("() => document.activeElement.id")
+            if focused == element_id:
+                ring: dict[str, str] = await page.evaluate(
+                    """() => { const s = getComputedStyle(document.activeElement);
+                               return {style: s.outlineStyle, width: s.outlineWidth}; }"""
+                )
+                return ring
+        raise AssertionError(f"Tab never reached #{element_id}")
+
+    ring = await tab_to("pick-files")
+    assert ring["style"] == "solid" and ring["width"] == "3px", ring
+    # Only the viewport: after a full-page capture Chromium no longer opened the file picker.
+    await page.screenshot(path=str(ARTIFACTS / "08-keyboard-focus-on-file-button.png"))
+    # Enter on the focused button opens the file picker; the chosen file is uploaded.
+    await page.keyboard.press("Enter")
+    await (await asyncio.wait_for(choosers.get(), 10)).set_files(
+        payload("kb.md", make_markdown("K", {"A": "B"}))
+    )
+    await expect_state(live_row(page, "kb.md"), "indexed")
+
+    ring = await tab_to("search-q")
+    assert ring["style"] == "solid" and ring["width"] == "3px", ring
+
+
+async def test_with_api_keys_the_page_asks_for_a_key_then_works(
+    page: Page, keyed: Pipeline
+) -> None:
+    await page.goto(keyed.url)
+    dialog = page.get_by_role("dialog", name="API key needed")
+    await expect(dialog).to_be_visible()
+    # Links to internal UIs are not shown before the key is known.
+    await expect(page.locator("#tool-links a")).to_have_count(0)
+    await snap(page, "09-asks-for-api-key")
+
+    await dialog.get_by_label("API key").fill("not-the-key")
+    await dialog.get_by_role("button", name="Use this key").click()
+    await expect(dialog).to_contain_text("not accepted")
+    await dialog.get_by_label("API key").fill(API_KEY)
+    await dialog.get_by_role("button", name="Use this key").click()
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#jobs-message")).to_have_text("No jobs yet.")
+
+    # With the parse stage stopped, an upload sits queued until it is flagged stalled.
+    assert keyed.terminate("parse") == 0
+    try:
+        await pick(page, {"waiting.md": make_markdown("Waiting", {"A": MD_SENTENCE})})
+        row = live_row(page, "waiting.md")
+        await expect(row.locator(".tag.stalled")).to_be_visible(timeout=30_000)
+        await page.goto(f"{keyed.url}/?stalled=true")
+        # The key was kept for the session: no second question after the reload.
+        await expect(page.locator("#jobs-rows tr.is-stalled")).to_have_count(1)
+        await expect(dialog).to_be_hidden()
+        await snap(page, "10-keyed-stalled-job-listed")
+    finally:
+        keyed.start("parse")
+    await page.goto(keyed.url)
+    await page.locator("#jobs-rows tr").first.wait_for()
+    async with httpx.AsyncClient(
+        base_url=keyed.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as api:
+        job_id = (await api.get("/v1/jobs")).json()["jobs"][0]["job_id"]
+        assert (await wait_for_job(api, job_id))["status"] == "indexed"
+    await page.reload()
+    await expect(page.locator("#jobs-rows tr .state")).to_have_text(["indexed"])
