@@ -123,11 +123,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     from gateway.client import SluiceClient
+    from gateway.tables import print_table
 
     async def fetch() -> dict[str, Any]:
         async with SluiceClient(args.url or _default_url(), args.api_key) as client:
@@ -146,19 +143,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     header = ("job id", "filename", "collection", "status", "chunks", "updated (UTC)", "error")
     rows = [_job_row(job) for job in page["jobs"]]
-    console = Console(highlight=False)
-    if not rows:
-        console.print("no jobs")
-    elif console.is_terminal:
-        table = Table(*header)
-        for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
-        console.print(table)
-    else:
-        # Tab-separated when piped: a wrapped box table is useless to grep and cut.
-        print("\n".join("\t".join(row) for row in [header, *rows]))
+    print_table(header, rows, empty="no jobs")
     if page.get("next_cursor"):
-        console.print(f"more: sluice jobs --cursor {page['next_cursor']}", markup=False)
+        print(f"more: sluice jobs --cursor {page['next_cursor']}")
     return 0
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from contracts.messages import STAGES
+from gateway.tables import print_table
 
 _REASON_CHARS = 60
 
@@ -45,7 +46,7 @@ def run_list(args: argparse.Namespace, url: str) -> int:
         print(json.dumps({"dead_letters": letters}, indent=2))
         return 0
     header = ("job id", "stage", "code", "reason", "attempts", "age")
-    _print_table(header, [_letter_row(letter) for letter in letters], empty="no dead letters")
+    print_table(header, [_letter_row(letter) for letter in letters], empty="no dead letters")
     return 0
 
 
@@ -95,21 +96,3 @@ def _age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
-
-
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console(highlight=False)
-    if not rows:
-        console.print(empty)
-    elif console.is_terminal:
-        table = Table(*header)
-        for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
-        console.print(table)
-    else:
-        # Tab-separated when piped: a wrapped box table is useless to grep and cut.
-        print("\n".join("\t".join(row) for row in [header, *rows]))

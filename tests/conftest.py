@@ -7,8 +7,9 @@ broker someone else uses; set SLUICE_TEST_AMQP_URL to run against an existing br
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -30,3 +31,14 @@ def broker() -> Iterator[BrokerHandle]:
         yield private
     finally:
         private.close()
+
+
+@pytest.fixture
+async def own_broker() -> AsyncIterator[PrivateBroker]:
+    """A private node of the test's own, for tests that restart or break their broker."""
+    node = PrivateBroker()
+    await asyncio.to_thread(node.start)
+    try:
+        yield node
+    finally:
+        await asyncio.to_thread(node.close)

@@ -173,6 +173,18 @@ def launch(
     return pipeline
 
 
+def run_sluice(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `sluice` command line against the pipeline, without a terminal."""
+    return subprocess.run(
+        [*sluice_command(), *args],
+        env=pipeline.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def stop_pipeline(pipeline: Pipeline) -> None:
     """SIGTERM every process and wait; SIGKILL what does not stop in time."""
     for process in pipeline.processes.values():

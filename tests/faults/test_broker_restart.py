@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 from broker import BrokerHandle, PrivateBroker
 from documents import make_markdown
 from invariants import assert_nothing_lost
@@ -16,17 +14,6 @@ from pipeline import credentials, queue_consumers, wait_for_job
 from contracts import routing
 from contracts.messages import STAGES
 from faults.conftest import PipelineFactory, distinct_pdfs, upload, wait_until
-
-
-@pytest.fixture
-async def own_broker() -> AsyncIterator[PrivateBroker]:
-    """A node of this test's own: restarting it must not disturb other tests."""
-    broker = PrivateBroker()
-    await asyncio.to_thread(broker.start)
-    try:
-        yield broker
-    finally:
-        await asyncio.to_thread(broker.close)
 
 
 async def test_broker_restart_mid_run_loses_nothing(

@@ -4,7 +4,6 @@ then `sluice dlq replay --all` after the cause is fixed: all end indexed, each c
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from broker import BrokerHandle
 from documents import make_markdown
 from invariants import assert_nothing_lost
-from pipeline import Pipeline, sluice_command, start_pipeline, stop_pipeline, wait_for_job
+from pipeline import Pipeline, run_sluice, start_pipeline, stop_pipeline, wait_for_job
 
 NOTES = {
     "otters.md": {
@@ -56,18 +55,6 @@ async def ops(dlq_pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def sluice(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the `sluice` command line against the pipeline, without a terminal."""
-    return subprocess.run(
-        [*sluice_command(), *args],
-        env=pipeline.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 async def upload(api: httpx.AsyncClient, name: str, collection: str) -> dict[str, Any]:
     """Upload one note and follow its job to the end."""
     answer = await api.post(
@@ -96,7 +83,7 @@ async def test_dead_letters_are_listed_then_replayed_into_indexed_jobs(
         assert job["progress"]["chunks_total"] >= 2, job
     job_ids = {otters["job_id"], herons["job_id"]}
 
-    listed = sluice(dlq_pipeline, "dlq", "list")
+    listed = run_sluice(dlq_pipeline, "dlq", "list")
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split("\t") == ["job id", "stage", "code", "reason", "attempts", "age"]
@@ -117,7 +104,7 @@ async def test_dead_letters_are_listed_then_replayed_into_indexed_jobs(
 
     for blocker in blockers:
         blocker.unlink()
-    replayed = sluice(dlq_pipeline, "dlq", "replay", "--all")
+    replayed = run_sluice(dlq_pipeline, "dlq", "replay", "--all")
     assert replayed.returncode == 0, replayed.stderr
     lines = replayed.stdout.splitlines()
     assert lines[0] == f"replayed {len(letters)} dead letters of 2 jobs", replayed.stdout
@@ -141,5 +128,5 @@ async def test_dead_letters_are_listed_then_replayed_into_indexed_jobs(
             assert any(sentence in hit["text"] for hit in results)
 
     assert (await ops.get("/v1/dead-letters")).json() == {"dead_letters": []}
-    assert sluice(dlq_pipeline, "dlq", "list").stdout.strip() == "no dead letters"
+    assert run_sluice(dlq_pipeline, "dlq", "list").stdout.strip() == "no dead letters"
     await assert_nothing_lost(dlq_pipeline, ops, [otters["job_id"], herons["job_id"]])

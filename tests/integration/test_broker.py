@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import httpx
@@ -13,17 +12,6 @@ from broker import BrokerHandle, PrivateBroker
 from pamqp.commands import Basic
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def own_broker() -> AsyncIterator[PrivateBroker]:
-    """A private node of this test's own, so restarting it disturbs no other test."""
-    broker = PrivateBroker()
-    await asyncio.to_thread(broker.start)
-    try:
-        yield broker
-    finally:
-        await asyncio.to_thread(broker.close)
 
 
 async def test_persistent_message_survives_restart(own_broker: PrivateBroker) -> None:
