@@ -192,12 +192,13 @@ def configure_logging(
         root.removeHandler(previous)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # uvicorn's own config gives these loggers handlers and stops propagation; undo that so
-    # its startup and access lines come out in the same format with the same context.
+    # uvicorn's own config gives these loggers handlers, levels and stops propagation; undo
+    # that so its startup and access lines come out in the same format with the same context.
     for name in _UVICORN_LOGGERS:
         logger = logging.getLogger(name)
         for own in list(logger.handlers):
             logger.removeHandler(own)
+        logger.setLevel(logging.NOTSET)
         logger.propagate = True
     # Per-delivery chatter from the AMQP client drowns the pipeline's own story.
     logging.getLogger("aiormq").setLevel(logging.WARNING)

@@ -86,6 +86,16 @@ def sluice_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
+def queue_depth(broker: BrokerHandle, name: str) -> int:
+    """How many messages a queue holds, from the management API."""
+    user, password = credentials(broker.amqp_url)
+    answer = httpx.get(
+        f"{broker.management_url}/api/queues/%2F/{name}", auth=(user, password), timeout=5
+    )
+    depth: int = answer.json().get("messages", 0) if answer.status_code == 200 else 0
+    return depth
+
+
 def queue_consumers(broker: BrokerHandle, name: str) -> int:
     """How many consumers a queue has, from the management API."""
     user, password = credentials(broker.amqp_url)
