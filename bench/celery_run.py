@@ -1,0 +1,119 @@
+"""Drive the Celery baseline: one worker per stage queue on the private broker, the corpus
+submitted as one chain per document, timed until every chain's result is back."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import BrokerHandle
+from pipeline import queue_consumers
+
+from bench.corpus import Document
+from bench.cpu import CpuMeter
+from bench.procs import child_env, spawn, stop, wait_for
+from contracts.messages import STAGES, DocumentUploaded, StageName
+from stages.backends.blobs import LocalBlobStore
+from stages.formats import sniff
+
+# Sluice's per-stage concurrency: parse 1, chunk 2, index 2. Sluice's embed takes many messages
+# at once only to merge them into one model call; a Celery embed task already holds a whole
+# document, and two model calls at once would just split the same cores, so embed runs one.
+# solo runs tasks in the worker's main thread; threads is Celery's pool for 2 at a time.
+POOLS: dict[StageName, tuple[str, int]] = {
+    "parse": ("solo", 1),
+    "chunk": ("threads", 2),
+    "embed": ("solo", 1),
+    "index": ("threads", 2),
+}
+
+
+@dataclass(frozen=True)
+class CeleryRun:
+    """Throughput of the corpus through the Celery chain."""
+
+    documents: int
+    chunks: int
+    wall_s: float
+    cpu_s: dict[str, float]
+
+    @property
+    def chunks_per_s(self) -> float:
+        """Chunks indexed per second, first submission to last result."""
+        return self.chunks / self.wall_s
+
+    @property
+    def docs_per_s(self) -> float:
+        """Documents indexed per second, first submission to last result."""
+        return self.documents / self.wall_s
+
+
+def worker_command(stage: StageName) -> list[str]:
+    """The `celery worker` command line for one stage's queue."""
+    from bench.celery_app import queue_of
+
+    pool, concurrency = POOLS[stage]
+    return [
+        *(sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker"),
+        *("-Q", queue_of(stage), "-n", f"{stage}@bench", "--loglevel", "WARNING"),
+        *("--pool", pool, "--concurrency", str(concurrency)),
+        # Gossip, mingle and heartbeats only matter to a cluster of workers watching each other.
+        *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+    ]
+
+
+def celery_chain(
+    broker: BrokerHandle, root: Path, docs: list[Document], *, deadline_s: float
+) -> CeleryRun:
+    """Start the four workers, run every document's chain, stop the workers."""
+    data_dir = root / "data"
+    env = child_env(SLUICE_BENCH_AMQP_URL=broker.amqp_url, SLUICE_DATA_DIR=str(data_dir))
+    workers = [spawn(worker_command(s), root / f"celery-{s}.log", env) for s in STAGES]
+    try:
+        from bench.celery_app import app, queue_of
+
+        wait_for(
+            lambda: all(queue_consumers(broker, queue_of(s)) >= 1 for s in STAGES),
+            180,
+            "the Celery workers",
+            root / "celery-parse.log",
+        )
+        app.conf.broker_url = broker.amqp_url
+        meter = CpuMeter({s: w.pid for s, w in zip(STAGES, workers, strict=True)}).start()
+        documents, chunks, wall_s = _submit(LocalBlobStore(data_dir / "blobs"), docs, deadline_s)
+        return CeleryRun(documents, chunks, wall_s, meter.stop())
+    finally:
+        stop(workers)
+
+
+def _submit(
+    blobs: LocalBlobStore, docs: list[Document], deadline_s: float
+) -> tuple[int, int, float]:
+    from celery import chain  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    from bench.celery_app import chunk_task, embed_task, index_task, parse_task
+
+    started = time.perf_counter()
+    results = []
+    for doc in docs:
+        # What a Celery upload route does: keep the bytes, then enqueue the document's chain.
+        sha256 = blobs.put_bytes(doc.data)
+        uploaded = DocumentUploaded(
+            job_id=uuid.uuid4().hex,
+            document_id=uuid.uuid4().hex,
+            collection="corpus",
+            filename=doc.name,
+            blob_sha256=sha256,
+            content_type=sniff(blobs.path(sha256)),
+            size_bytes=len(doc.data),
+        )
+        flow = chain(
+            parse_task.s(uploaded.model_dump_json()), chunk_task.s(), embed_task.s(), index_task.s()
+        )
+        results.append(flow.apply_async())
+    end = time.monotonic() + deadline_s
+    chunks = sum(int(r.get(timeout=max(1.0, end - time.monotonic()))) for r in results)
+    return len(docs), chunks, time.perf_counter() - started

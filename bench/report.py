@@ -1,0 +1,308 @@
+"""The benchmark's report: a markdown table with targets, the figures as JSON, a bar chart."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.celery_run import CeleryRun
+from bench.inrequest import InRequest
+from bench.overhead import Overhead
+from bench.prepare import Prepared
+from bench.raw_model import RawModel
+from bench.sluice_run import EndToEnd, Saturated
+
+# The targets of the issue ("Fast: ..."): each check is measured value → met or not.
+E2E_OVER_RAW = 0.85
+SLUICE_OVER_CELERY = 1.5
+OVERHEAD_RATIO = 0.7
+UPLOAD_P99_MS = 50.0
+NON_EMBED_RSS_MB = 300.0
+NON_EMBED = ("parse", "chunk", "index")
+
+
+@dataclass
+class Results:
+    """Everything one run measured; a phase that was not run stays None."""
+
+    scale: float
+    documents: int
+    prepared: Prepared
+    raw: RawModel | None = None
+    e2e: EndToEnd | None = None
+    inrequest: InRequest | None = None
+    celery: CeleryRun | None = None
+    overhead: Overhead | None = None
+    saturated: Saturated | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)
+    # Per phase: CPU seconds of the benchmark and of everything else on this (shared) machine.
+    phase_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    load_before: str = ""
+    load_after: str = ""
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    number: str
+    figure: str
+    measured: str
+    target: str = "—"
+    met: bool | None = None
+
+    def markdown(self) -> str:
+        """The row as a markdown table line."""
+        verdict = {True: "met", False: "**not met**", None: ""}[self.met]
+        return f"| {self.number} | {self.figure} | {self.measured} | {self.target} | {verdict} |"
+
+
+def rows(r: Results) -> list[Row]:
+    """The table's rows, for the phases that ran."""
+    out: list[Row] = []
+    raw = r.raw
+    if raw is not None:
+        tried = ", ".join(f"{b}: {v:.1f}" for b, v in raw.chunks_per_s.items())
+        out.append(
+            Row(
+                "1",
+                "Raw model limit, `model.encode`, one process",
+                f"{raw.best_chunks_per_s:.1f} chunks/s (batch {raw.best_batch_size}; {tried})",
+            )
+        )
+    if r.e2e is not None:
+        e = r.e2e
+        measured = (
+            f"{e.docs_per_s:.2f} docs/s, {e.chunks_per_s:.1f} chunks/s "
+            f"({e.documents} docs, {e.chunks} chunks, {e.failed} failed)"
+        )
+        if raw is not None:
+            ratio = e.chunks_per_s / raw.best_chunks_per_s
+            out.append(
+                Row(
+                    "2",
+                    "Sluice end to end (HTTP upload → indexed)",
+                    f"{measured} = **{ratio:.2f}x raw**",
+                    f"≥ {E2E_OVER_RAW}x raw",
+                    ratio >= E2E_OVER_RAW,
+                )
+            )
+        else:
+            out.append(Row("2", "Sluice end to end (HTTP upload → indexed)", measured))
+    if r.e2e is not None:
+        out.append(busy_row("2", "Sluice: where the time went", r.e2e))
+    if r.inrequest is not None:
+        i = r.inrequest
+        out.append(
+            Row(
+                "3",
+                "In-request FastAPI baseline (all four handlers inside the upload)",
+                f"{i.docs_per_s:.2f} docs/s, {i.chunks_per_s:.1f} chunks/s "
+                f"({i.chunks} chunks, {i.failed} failed); "
+                f"upload answer p50 {i.answer_ms_p50:.0f} ms, p99 {i.answer_ms_p99:.0f} ms; "
+                f"CPU s: {_cpu(i.cpu_s)}",
+            )
+        )
+    if r.celery is not None:
+        c = r.celery
+        measured = f"{c.docs_per_s:.2f} docs/s, {c.chunks_per_s:.1f} chunks/s ({c.chunks} chunks)"
+        if r.e2e is not None:
+            ratio = r.e2e.chunks_per_s / c.chunks_per_s
+            out.append(
+                Row(
+                    "4",
+                    "Celery chain baseline (one worker per stage queue)",
+                    f"{measured}; Sluice/Celery = **{ratio:.2f}x**",
+                    f"≥ {SLUICE_OVER_CELERY}x",
+                    ratio >= SLUICE_OVER_CELERY,
+                )
+            )
+        else:
+            out.append(Row("4", "Celery chain baseline (one worker per stage queue)", measured))
+    if r.celery is not None:
+        out.append(Row("4", "Celery: CPU s per process", _cpu(r.celery.cpu_s)))
+    if (cost := _per_cpu(r)) is not None:
+        out.append(
+            Row(
+                "1-4",
+                "Chunks per CPU-second of the embedding process (less sensitive to other load)",
+                cost,
+            )
+        )
+    if r.overhead is not None:
+        o = r.overhead
+        out.append(
+            Row(
+                "5",
+                "Pipeline overhead: Sluice, zero-cost embedder vs plain aio-pika chain",
+                f"{o.sluice_messages_per_s:.1f} vs {o.plain.messages_per_s:.1f} msgs/s "
+                f"({o.messages} msgs) = **{o.ratio:.2f}**",
+                f"≥ {OVERHEAD_RATIO}",
+                o.ratio >= OVERHEAD_RATIO,
+            )
+        )
+    if r.overhead is not None:
+        out.append(busy_row("5", "Sluice zero-cost: where the time went", r.overhead.sluice))
+    if r.saturated is not None:
+        s = r.saturated
+        out.append(
+            Row(
+                "6",
+                f"Upload answer, {s.clients} concurrent clients, embed busy",
+                f"p50 {s.answer_ms_p50:.0f} ms, **p99 {s.answer_ms_p99:.0f} ms** "
+                f"(max {s.answer_ms_max:.0f}; {s.uploads} uploads in {s.upload_s:.1f} s, "
+                f"statuses {s.statuses}; embed busy after: {s.embed_busy_after_uploads}; "
+                f"CPU s during uploads: {_cpu(s.cpu_during_uploads_s)})",
+                f"p99 < {UPLOAD_P99_MS:.0f} ms",
+                s.answer_ms_p99 < UPLOAD_P99_MS,
+            )
+        )
+        worst = max(s.rss[n].tree_mb for n in NON_EMBED)
+        per = ", ".join(
+            f"{n} {p.own_mb:.0f}"
+            + (f" (with workers {p.tree_mb:.0f})" if p.tree_mb > p.own_mb else "")
+            for n, p in s.rss.items()
+        )
+        out.append(
+            Row(
+                "7",
+                f"Peak RSS per process, MB, {s.uploads} docs queued, {s.window_s:.0f} s window",
+                per,
+                f"non-embed stages < {NON_EMBED_RSS_MB:.0f} MB",
+                worst < NON_EMBED_RSS_MB,
+            )
+        )
+        out.append(
+            Row(
+                "7",
+                "Backlog held by RabbitMQ, stage queues ready/unacked",
+                f"after uploads: {_depths(s.depth_after_uploads)}; after the window: "
+                f"{_depths(s.depth_at_end)}; {s.indexed_in_window} of the "
+                f"{s.uploads} indexed by then",
+            )
+        )
+    return out
+
+
+def _depths(depths: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{q} {d['ready']}/{d['unacked']}" for q, d in depths.items())
+
+
+def _cpu(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{name} {s:.1f}" for name, s in seconds.items())
+
+
+def _per_cpu(r: Results) -> str | None:
+    """Chunks per CPU-second where the model ran: raw, Sluice's embed, in-request app, Celery."""
+    parts: list[str] = []
+    if r.raw is not None:
+        best = r.raw.best_batch_size
+        parts.append(f"raw {r.raw.chunks / r.raw.cpu_s[best]:.1f}")
+    if r.e2e is not None and r.e2e.cpu_s.get("embed"):
+        parts.append(f"Sluice embed {r.e2e.chunks / r.e2e.cpu_s['embed']:.1f}")
+    if r.inrequest is not None and r.inrequest.cpu_s.get("app"):
+        parts.append(
+            f"in-request app (all stages) {r.inrequest.chunks / r.inrequest.cpu_s['app']:.1f}"
+        )
+    if r.celery is not None and r.celery.cpu_s.get("embed"):
+        parts.append(f"Celery embed worker {r.celery.chunks / r.celery.cpu_s['embed']:.1f}")
+    return ", ".join(parts) or None
+
+
+def busy_row(number: str, figure: str, run: EndToEnd) -> Row:
+    """Seconds each stage had work in hand, and CPU seconds per process, in a Sluice run."""
+    busy = ", ".join(f"{stage} {s:.1f}" for stage, s in run.busy_s.items())
+    return Row(number, figure, f"busy s: {busy} (wall {run.wall_s:.1f}); CPU s: {_cpu(run.cpu_s)}")
+
+
+def markdown(r: Results) -> str:
+    """The whole report as markdown."""
+    lines = [
+        "# Sluice benchmark",
+        "",
+        f"Corpus: {r.documents} documents (PDF/DOCX/HTML/Markdown, scale {r.scale}), "
+        f"{len(r.prepared.texts)} chunks. Total run {r.total_s / 60:.1f} min. "
+        f"Load average before: {r.load_before}; after: {r.load_after}.",
+        "",
+        "| # | figure | measured | target | |",
+        "|---|---|---|---|---|",
+        *(row.markdown() for row in rows(r)),
+        "",
+        "Phase wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r.phase_s.items()),
+        "",
+        "CPU seconds per phase (benchmark / other processes on the machine / capacity): "
+        + "; ".join(
+            f"{k} {c['benchmark']:.0f}/{c['other processes']:.0f}/{c['capacity']:.0f}"
+            for k, c in r.phase_cpu_s.items()
+        ),
+        "",
+        f"In-process stage seconds over the corpus: parse {r.prepared.parse_s:.1f}, "
+        f"chunk {r.prepared.chunk_s:.1f}"
+        + (
+            ", in-request run: " + ", ".join(f"{k} {v:.1f}" for k, v in r.inrequest.stage_s.items())
+            if r.inrequest
+            else ""
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _props(obj: Any, *names: str) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in names}
+
+
+def as_json(r: Results) -> dict[str, Any]:
+    """The figures as plain JSON data, derived rates included."""
+
+    out: dict[str, Any] = {
+        "scale": r.scale,
+        "documents": r.documents,
+        "chunks": len(r.prepared.texts),
+        "in_process_seconds": {"parse": r.prepared.parse_s, "chunk": r.prepared.chunk_s},
+        "phase_s": r.phase_s,
+        "phase_cpu_s": r.phase_cpu_s,
+        "load_before": r.load_before,
+        "load_after": r.load_after,
+        "total_s": r.total_s,
+        "targets": {
+            "e2e_over_raw": E2E_OVER_RAW,
+            "sluice_over_celery": SLUICE_OVER_CELERY,
+            "overhead_ratio": OVERHEAD_RATIO,
+            "upload_p99_ms": UPLOAD_P99_MS,
+            "non_embed_rss_mb": NON_EMBED_RSS_MB,
+        },
+        "checks": {row.figure: row.met for row in rows(r) if row.met is not None},
+    }
+    if r.raw is not None:
+        out["raw_model"] = asdict(r.raw) | _props(r.raw, "best_batch_size", "best_chunks_per_s")
+    if r.e2e is not None:
+        out["sluice"] = asdict(r.e2e) | _props(r.e2e, "docs_per_s", "chunks_per_s")
+    if r.inrequest is not None:
+        out["in_request"] = asdict(r.inrequest) | _props(r.inrequest, "docs_per_s", "chunks_per_s")
+    if r.celery is not None:
+        out["celery"] = asdict(r.celery) | _props(r.celery, "docs_per_s", "chunks_per_s")
+    if r.overhead is not None:
+        o = r.overhead
+        out["overhead"] = {
+            "sluice": asdict(o.sluice),
+            "messages": o.messages,
+            "sluice_messages_per_s": o.sluice_messages_per_s,
+            "plain": asdict(o.plain) | _props(o.plain, "messages_per_s"),
+            "ratio": o.ratio,
+        }
+    if r.saturated is not None:
+        out["saturated"] = asdict(r.saturated)
+    return out
+
+
+def write(r: Results, out_dir: Path) -> None:
+    """Write results.md, results.json and results.png into `out_dir`."""
+    from bench.chart import chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(markdown(r))
+    (out_dir / "results.json").write_text(json.dumps(as_json(r), indent=2, default=str) + "\n")
+    chart(r, out_dir / "results.png")

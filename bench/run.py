@@ -1,0 +1,144 @@
+"""Sluice side by side with what users run today, on one generated corpus and a private RabbitMQ.
+
+`python -m bench.run [--scale S]` (or `bash scripts/bench.sh`); see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from broker import PrivateBroker
+
+from bench.celery_run import celery_chain
+from bench.corpus import corpus, small_documents
+from bench.cpu import PhaseMeter
+from bench.inrequest import in_request
+from bench.overhead import overhead
+from bench.prepare import prepare
+from bench.raw_model import measure
+from bench.report import Results, markdown, write
+from bench.sluice_run import end_to_end, saturated
+
+PHASES = ("raw", "sluice", "inrequest", "celery", "overhead", "saturated")
+OUT = Path(__file__).resolve().parent / "out"
+T = TypeVar("T")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` prints them."""
+    return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def timed(results: Results, phase: str, work: Callable[[], T]) -> T:
+    """Run one phase, printing and recording its wall time."""
+    print(f"== {phase}", flush=True)
+    started = time.monotonic()
+    meter = PhaseMeter().start()
+    value = work()
+    results.phase_cpu_s[phase] = meter.stop()
+    results.phase_s[phase] = time.monotonic() - started
+    print(f"== {phase} done in {results.phase_s[phase]:.0f} s", flush=True)
+    return value
+
+
+def main() -> None:
+    """Parse arguments, run the chosen phases, print and write the report."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scale", type=float, default=1.0, help="corpus and backlog size factor")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent uploaders for throughput")
+    ap.add_argument("--load-clients", type=int, default=50, help="concurrent uploaders, phase 6")
+    ap.add_argument("--backlog", type=int, default=5000, help="documents queued in phase 7")
+    ap.add_argument("--window-s", type=float, default=60.0, help="memory window after uploads")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
+    ap.add_argument("--deadline-s", type=float, default=1200.0, help="give up on a phase after")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    phases = set(args.phases.split(","))
+    if unknown := phases - set(PHASES):
+        ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    # Measure Sluice's defaults with tracing off, not whatever this shell has exported.
+    for name in [n for n in os.environ if n.startswith(("SLUICE_", "OTEL_"))]:
+        del os.environ[name]
+
+    started = time.monotonic()
+    load_before = load_average()
+    docs = corpus(args.scale)
+    backlog_count = max(100, round(args.backlog * args.scale))
+    print(f"corpus: {len(docs)} documents, {sum(len(d.data) for d in docs) / 1e6:.1f} MB")
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, PrivateBroker() as broker:
+        root = Path(tmp)
+        print(f"private RabbitMQ at {broker.amqp_url} (data under {root})", flush=True)
+        prepared = asyncio.run(prepare(docs, root / "prepare"))
+        print(f"chunks: {len(prepared.texts)}", flush=True)
+        r = Results(
+            scale=args.scale, documents=len(docs), prepared=prepared, load_before=load_before
+        )
+        deadline = args.deadline_s
+        if "raw" in phases:
+            r.raw = timed(r, "raw", lambda: measure(prepared.texts))
+        if "sluice" in phases:
+            r.e2e = timed(
+                r,
+                "sluice",
+                lambda: end_to_end(
+                    broker, root / "sluice", docs, clients=args.clients, deadline_s=deadline
+                ),
+            )
+        if "inrequest" in phases:
+            r.inrequest = timed(
+                r,
+                "inrequest",
+                lambda: in_request(
+                    root / "inrequest", docs, clients=args.clients, deadline_s=deadline
+                ),
+            )
+        if "celery" in phases:
+            r.celery = timed(
+                r,
+                "celery",
+                lambda: celery_chain(broker, root / "celery", docs, deadline_s=deadline),
+            )
+        if "overhead" in phases:
+            r.overhead = timed(
+                r,
+                "overhead",
+                lambda: overhead(
+                    broker,
+                    root / "overhead",
+                    docs,
+                    prepared.plans,
+                    clients=args.clients,
+                    deadline_s=deadline,
+                ),
+            )
+        if "saturated" in phases:
+            backlog = small_documents(backlog_count)
+            r.saturated = timed(
+                r,
+                "saturated",
+                lambda: saturated(
+                    broker,
+                    root / "saturated",
+                    docs,
+                    backlog,
+                    clients=args.load_clients,
+                    window_s=args.window_s,
+                ),
+            )
+    r.load_after = load_average()
+    r.total_s = time.monotonic() - started
+    write(r, args.out)
+    print()
+    print(markdown(r))
+    print(f"written to {args.out}/results.md, results.json, results.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Sluice itself, as real processes on the private broker: end to end, and saturated."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from broker import BrokerHandle
+from pipeline import Pipeline, start_pipeline, stop_pipeline
+
+from bench.corpus import Document
+from bench.cpu import CpuMeter
+from bench.http_load import (
+    Answer,
+    finished_at,
+    jobs_in,
+    percentile,
+    upload_all,
+    wait_until_done,
+)
+from bench.memory import Peak, RssSampler, queue_depth
+from contracts import routing
+from contracts.messages import STAGES
+
+# The runtime logs one line per message finished: "<stage>: <file> batch i/n done in 0.12s".
+_DONE = re.compile(r"done in ([0-9.]+)s")
+STATS_INTERVAL_S = 6.0
+# tests/pipeline.py sets small test limits; the benchmark runs Sluice's defaults.
+DEFAULTS = {
+    "SLUICE_MAX_UPLOAD_BYTES": "104857600",
+    "SLUICE_RETRY_DELAYS_S": "[1,10,60]",
+    "SLUICE_MAX_ATTEMPTS": "5",
+}
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """One corpus through the whole pipeline: how long, how much, what the uploads took."""
+
+    documents: int
+    chunks: int
+    failed: int
+    wall_s: float
+    upload_ms_p50: float
+    upload_ms_p99: float
+    chunks_by_document: dict[str, int]
+    # Seconds each stage had at least one message in hand (from its log): which one was the limit.
+    busy_s: dict[str, float]
+    # CPU seconds per process (and the rest of the machine) from first upload to last job done.
+    cpu_s: dict[str, float]
+
+    @property
+    def docs_per_s(self) -> float:
+        """Documents indexed per second, first upload to last index write."""
+        return self.documents / self.wall_s
+
+    @property
+    def chunks_per_s(self) -> float:
+        """Chunks indexed per second, first upload to last index write."""
+        return self.chunks / self.wall_s
+
+
+def launch(broker: BrokerHandle, root: Path, **env: str) -> Pipeline:
+    """The gateway and one process per stage, with Sluice's defaults, once every stage consumes."""
+    return start_pipeline(broker, root, **DEFAULTS, **env)
+
+
+def end_to_end(
+    broker: BrokerHandle,
+    root: Path,
+    docs: list[Document],
+    *,
+    clients: int,
+    deadline_s: float,
+    **env: str,
+) -> EndToEnd:
+    """Start a fresh Sluice, upload `docs` through the API, wait until all are indexed."""
+    pipeline = launch(broker, root, **env)
+    try:
+        meter = CpuMeter(pids(pipeline)).start()
+        figures = asyncio.run(_drive(pipeline.url, docs, clients, deadline_s))
+        cpu_s = meter.stop()
+    finally:
+        stop_pipeline(pipeline)
+    return EndToEnd(**figures, busy_s=busy_seconds(pipeline.log_dir), cpu_s=cpu_s)
+
+
+def pids(pipeline: Pipeline) -> dict[str, int]:
+    """The process id of the gateway and of each stage."""
+    return {name: process.pid for name, process in pipeline.processes.items()}
+
+
+def busy_seconds(log_dir: Path) -> dict[str, float]:
+    """Per stage, the seconds in which it had at least one message in hand.
+
+    Each "done in" log line gives one message's interval (logged time minus its duration);
+    their union counts overlapping messages (concurrency, shared embed calls) once.
+    """
+    busy: dict[str, float] = {}
+    for stage in STAGES:
+        path = log_dir / f"{stage}.log"
+        intervals: list[tuple[float, float]] = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if done := _DONE.search(record["message"]):
+                    end = datetime.fromisoformat(record["time"]).timestamp()
+                    intervals.append((end - float(done.group(1)), end))
+        busy[stage] = _union(intervals)
+    return busy
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+async def _drive(url: str, docs: list[Document], clients: int, deadline_s: float) -> dict[str, Any]:
+    collection = "corpus"
+    started = datetime.now(UTC)
+    answers = await upload_all(url, collection, docs, clients)
+    refused = [a for a in answers if a.status != 202]
+    if refused:
+        raise RuntimeError(f"{len(refused)} uploads refused, first: {refused[0]}")
+    jobs = await wait_until_done(url, collection, len(docs), deadline_s)
+    ends = [end for job in jobs if (end := finished_at(job, "index")) is not None]
+    wall_s = ((max(ends) if ends else datetime.now(UTC)) - started).total_seconds()
+    return {
+        "documents": len(jobs),
+        "chunks": sum(j["progress"]["chunks_total"] or 0 for j in jobs),
+        "failed": sum(j["status"] == "failed" for j in jobs),
+        "wall_s": wall_s,
+        "upload_ms_p50": percentile((a.ms for a in answers), 50),
+        "upload_ms_p99": percentile((a.ms for a in answers), 99),
+        "chunks_by_document": {j["filename"]: j["progress"]["chunks_total"] or 0 for j in jobs},
+    }
+
+
+@dataclass(frozen=True)
+class Saturated:
+    """Upload answer times while embed is busy, and memory with a large backlog queued."""
+
+    clients: int
+    uploads: int
+    statuses: dict[int, int]
+    answer_ms_p50: float
+    answer_ms_p99: float
+    answer_ms_max: float
+    upload_s: float
+    embed_busy_after_uploads: bool
+    window_s: float
+    cpu_during_uploads_s: dict[str, float]
+    rss: dict[str, Peak]
+    depth_after_uploads: dict[str, dict[str, int]]
+    depth_at_end: dict[str, dict[str, int]]
+    indexed_in_window: int
+
+
+def saturated(
+    broker: BrokerHandle,
+    root: Path,
+    heavy: list[Document],
+    backlog: list[Document],
+    *,
+    clients: int,
+    window_s: float,
+) -> Saturated:
+    """Keep embed busy with `heavy`, then upload `backlog` with `clients` concurrent clients,
+    timing each answer and sampling every process's memory; stop after `window_s` more."""
+    pipeline = launch(broker, root)
+    sampler = RssSampler({name: p.pid for name, p in pipeline.processes.items()}).start()
+    try:
+        return asyncio.run(_saturate(broker, pipeline, sampler, heavy, backlog, clients, window_s))
+    finally:
+        sampler.stop()
+        stop_pipeline(pipeline)
+
+
+def _depths(broker: BrokerHandle, namespace: str) -> dict[str, dict[str, int]]:
+    return {s: queue_depth(broker, routing.stage_queue(namespace, s)) for s in STAGES}
+
+
+async def _saturate(
+    broker: BrokerHandle,
+    pipeline: Pipeline,
+    sampler: RssSampler,
+    heavy: list[Document],
+    backlog: list[Document],
+    clients: int,
+    window_s: float,
+) -> Saturated:
+    url = pipeline.url
+    await upload_all(url, "heavy", heavy, 4)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        deadline = time.monotonic() + 300
+        while not any([j async for j in jobs_in(client, "heavy") if j["status"] == "embedding"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the embed stage never started on the heavy documents")
+            await asyncio.sleep(0.5)
+    print(f"  embed busy; uploading {len(backlog)} documents with {clients} clients", flush=True)
+    started = time.monotonic()
+    meter = CpuMeter(sampler.pids).start()
+    answers: list[Answer] = await upload_all(url, "backlog", backlog, clients)
+    cpu_s = meter.stop()
+    upload_s = time.monotonic() - started
+    print(f"  uploads done in {upload_s:.1f} s; watching for {window_s:.0f} s", flush=True)
+    # The management API refreshes queue figures every 5 s: read them once they cover the end
+    # of the uploads.
+    await asyncio.sleep(STATS_INTERVAL_S)
+    depth_after = await asyncio.to_thread(_depths, broker, pipeline.namespace)
+    embed = depth_after["embed"]
+    await asyncio.sleep(max(0.0, window_s - STATS_INTERVAL_S))
+    depth_end = await asyncio.to_thread(_depths, broker, pipeline.namespace)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        backlog_jobs: list[dict[str, Any]] = [j async for j in jobs_in(client, "backlog")]
+    statuses = Counter(a.status for a in answers)
+    ms = [a.ms for a in answers]
+    return Saturated(
+        clients=clients,
+        uploads=len(answers),
+        statuses=dict(sorted(statuses.items())),
+        answer_ms_p50=percentile(ms, 50),
+        answer_ms_p99=percentile(ms, 99),
+        answer_ms_max=max(ms),
+        upload_s=upload_s,
+        embed_busy_after_uploads=embed["ready"] + embed["unacked"] > 0,
+        window_s=window_s,
+        cpu_during_uploads_s=cpu_s,
+        rss=dict(sampler.peaks),
+        depth_after_uploads=depth_after,
+        depth_at_end=depth_end,
+        indexed_in_window=sum(j["status"] == "indexed" for j in backlog_jobs),
+    )
