@@ -38,9 +38,13 @@ def percentile(values: Iterable[float], pct: int) -> float:
 async def upload(client: httpx.AsyncClient, collection: str, doc: Document) -> Answer:
     """POST one document and time it from request to answer."""
     started = time.perf_counter()
-    response = await client.post(
-        "/v1/documents", files={"file": (doc.name, doc.data)}, data={"collection": collection}
-    )
+    try:
+        response = await client.post(
+            "/v1/documents", files={"file": (doc.name, doc.data)}, data={"collection": collection}
+        )
+    except httpx.TransportError as exc:
+        # A dropped connection is an answer too (status 0): counted, not fatal to the run.
+        return Answer(0, (time.perf_counter() - started) * 1000, {"error": repr(exc)})
     ms = (time.perf_counter() - started) * 1000
     body = response.json() if response.content else {}
     return Answer(response.status_code, ms, body)

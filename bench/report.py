@@ -39,6 +39,7 @@ class Results:
     phase_s: dict[str, float] = field(default_factory=dict)
     # Per phase: CPU seconds of the benchmark and of everything else on this (shared) machine.
     phase_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
     load_before: str = ""
     load_after: str = ""
     total_s: float = 0.0
@@ -230,6 +231,7 @@ def markdown(r: Results) -> str:
         "| # | figure | measured | target | |",
         "|---|---|---|---|---|",
         *(row.markdown() for row in rows(r)),
+        *(f"| - | phase {phase} FAILED | {error} | | |" for phase, error in r.errors.items()),
         "",
         "Phase wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r.phase_s.items()),
         "",
@@ -264,6 +266,7 @@ def as_json(r: Results) -> dict[str, Any]:
         "in_process_seconds": {"parse": r.prepared.parse_s, "chunk": r.prepared.chunk_s},
         "phase_s": r.phase_s,
         "phase_cpu_s": r.phase_cpu_s,
+        "errors": r.errors,
         "load_before": r.load_before,
         "load_after": r.load_after,
         "total_s": r.total_s,

@@ -10,6 +10,7 @@ import asyncio
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,12 +37,18 @@ def load_average() -> str:
     return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def timed(results: Results, phase: str, work: Callable[[], T]) -> T:
-    """Run one phase, printing and recording its wall time."""
+def timed(results: Results, phase: str, work: Callable[[], T]) -> T | None:
+    """Run one phase, recording its wall and CPU time; a failure is reported, not fatal."""
     print(f"== {phase}", flush=True)
     started = time.monotonic()
     meter = PhaseMeter().start()
-    value = work()
+    try:
+        value: T | None = work()
+    except Exception as exc:
+        # One broken phase must not throw away the figures of the others.
+        traceback.print_exc()
+        results.errors[phase] = f"{type(exc).__name__}: {exc}"[:500]
+        value = None
     results.phase_cpu_s[phase] = meter.stop()
     results.phase_s[phase] = time.monotonic() - started
     print(f"== {phase} done in {results.phase_s[phase]:.0f} s", flush=True)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from contracts.messages import STAGES
 # The runtime logs one line per message finished: "<stage>: <file> batch i/n done in 0.12s".
 _DONE = re.compile(r"done in ([0-9.]+)s")
 STATS_INTERVAL_S = 6.0
+KEPT_LOGS = Path(__file__).resolve().parent / "out" / "logs"
 # tests/pipeline.py sets small test limits; the benchmark runs Sluice's defaults.
 DEFAULTS = {
     "SLUICE_MAX_UPLOAD_BYTES": "104857600",
@@ -89,9 +91,19 @@ def end_to_end(
         meter = CpuMeter(pids(pipeline)).start()
         figures = asyncio.run(_drive(pipeline.url, docs, clients, deadline_s))
         cpu_s = meter.stop()
+    except BaseException:
+        keep_logs(pipeline)
+        raise
     finally:
         stop_pipeline(pipeline)
     return EndToEnd(**figures, busy_s=busy_seconds(pipeline.log_dir), cpu_s=cpu_s)
+
+
+def keep_logs(pipeline: Pipeline) -> None:
+    """Copy a failed run's process logs out of its temporary directory, for a person to read."""
+    target = KEPT_LOGS / pipeline.namespace
+    shutil.copytree(pipeline.log_dir, target, dirs_exist_ok=True)
+    print(f"  logs of the failed run kept in {target}", flush=True)
 
 
 def pids(pipeline: Pipeline) -> dict[str, int]:
@@ -184,6 +196,9 @@ def saturated(
     sampler = RssSampler({name: p.pid for name, p in pipeline.processes.items()}).start()
     try:
         return asyncio.run(_saturate(broker, pipeline, sampler, heavy, backlog, clients, window_s))
+    except BaseException:
+        keep_logs(pipeline)
+        raise
     finally:
         sampler.stop()
         stop_pipeline(pipeline)
