@@ -112,5 +112,8 @@ def serve(settings: Settings) -> None:
         # Our handler formats uvicorn's lines too (JSON off a terminal, with trace ids).
         log_config=None,
         log_level="info",
+        # Longer than clients keep idle connections (httpx: 5 s), so a client never sends on a
+        # connection the server is just closing (seen as ReadError under load at 5 s each).
+        timeout_keep_alive=30,
         timeout_graceful_shutdown=10,
     )
