@@ -7,10 +7,11 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 
+from fakes.loopback import LoopbackServer
 from stages.backends.embedder import Embedder, SentenceTransformerEmbedder
 
 # One answer's `data` list, for `tamper` hooks that break it on purpose.
@@ -34,8 +35,7 @@ class FakeEmbeddingsServer:
         self._lock = threading.Lock()
         # The model is not safe to call from several handler threads at once.
         self._model_lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
         self._fail_next = 0
         self._fail_status = 503
         self.reject_marker: str | None = None
@@ -54,28 +54,20 @@ class FakeEmbeddingsServer:
         """The base URL to give as `SLUICE_EMBED_URL`."""
         if self._server is None:
             raise RuntimeError("the fake embeddings server is not running: call start() first")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
+        return f"{self._server.base_url}/v1"
 
     def start(self) -> FakeEmbeddingsServer:
         """Load the model (unless given one) and serve on a free loopback port."""
         if self._embedder is None:
             self._embedder = SentenceTransformerEmbedder(None, "cpu", 64)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-embeddings", daemon=True
-        )
-        self._thread.start()
+        self._server = LoopbackServer(_handler_for(self), "fake-embeddings")
         return self
 
     def stop(self) -> None:
         """Stop serving and free the port."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
+            self._server.stop()
+        self._server = None
 
     def __enter__(self) -> FakeEmbeddingsServer:
         return self.start()

@@ -14,7 +14,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +27,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as ProtoStatus
+
+from fakes.loopback import LoopbackServer
 
 _KINDS = {
     ProtoSpan.SPAN_KIND_UNSPECIFIED: "UNSPECIFIED",
@@ -72,8 +74,7 @@ class FakeOtlpReceiver:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._spans: list[ReceivedSpan] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
         # Requests by path, and the reasons of the ones refused (a test can show them).
         self.requests: dict[str, int] = defaultdict(int)
         self.refused: list[str] = []
@@ -83,27 +84,18 @@ class FakeOtlpReceiver:
         """The base URL (`http://127.0.0.1:PORT`); exporters append `/v1/traces`."""
         if self._server is None:
             raise RuntimeError("the fake OTLP receiver is not running: call start() first")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._server.base_url}"
 
     def start(self) -> FakeOtlpReceiver:
         """Serve on a free loopback port in a background thread."""
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-otlp-receiver", daemon=True
-        )
-        self._thread.start()
+        self._server = LoopbackServer(_handler_for(self), "fake-otlp-receiver")
         return self
 
     def stop(self) -> None:
         """Stop serving and free the port (collected spans stay readable)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
+            self._server.stop()
+        self._server = None
 
     def __enter__(self) -> FakeOtlpReceiver:
         return self.start()
