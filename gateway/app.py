@@ -65,10 +65,11 @@ def create_app(settings: Settings) -> FastAPI:
             broker=broker,
         )
         app.state.services = services
+        tracker = Tracker(broker, services.store, services.changes)
 
         async def connect_and_track() -> None:
             await broker.connect(wait_s=math.inf)
-            await Tracker(broker, services.store, services.changes).start()
+            await tracker.start()
             log.info("gateway connected to RabbitMQ and tracking jobs")
 
         # The gateway serves (and answers 503 to uploads) while the broker is away, so it
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             connecting.cancel()
+            await tracker.stop()
             await broker.close()
 
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan)

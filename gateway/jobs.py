@@ -1,7 +1,8 @@
 """The job store: jobs, their per-stage progress, and documents — SQLite, knowing nothing of HTTP.
 
 The tracker feeds it job events. Progress is counted per unit of work (stage, batch index),
-so an event delivered twice never counts twice.
+so an event delivered twice never counts twice. Calls block on disk: the gateway makes them
+from a worker thread (`asyncio.to_thread`), never on its event loop.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import base64
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -123,6 +124,7 @@ class JobStore(Protocol):
     def delete_document(self, document_id: str) -> list[JobBlobs]: ...
     def blob_in_use(self, sha256: str) -> bool: ...
     def apply(self, event: JobEvent) -> bool: ...
+    def apply_all(self, events: Sequence[JobEvent]) -> set[str]: ...
     def reopen(self, job_id: str) -> Job | None: ...
     def ping(self) -> None: ...
     def count_by_status(self) -> dict[str, int]: ...
@@ -344,34 +346,46 @@ class SqliteJobStore:
 
     def apply(self, event: JobEvent) -> bool:
         """Fold one event into its job; returns whether anything changed."""
-        at = event.at.isoformat()
+        return bool(self.apply_all([event]))
+
+    def apply_all(self, events: Sequence[JobEvent]) -> set[str]:
+        """Fold events into their jobs in one transaction (one disk sync for the lot);
+        returns the ids of the jobs that changed."""
+        changed: set[str] = set()
         with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
-            if row is None:
-                return False
-            status: JobStatus = row["status"]
-            db.execute(
-                "INSERT INTO job_stages (job_id, stage, started_at, attempts) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (job_id, stage) DO UPDATE SET"
-                " started_at = COALESCE(started_at, excluded.started_at),"
-                " attempts = MAX(attempts, excluded.attempts)",
-                (event.job_id, event.stage, at, event.attempt),
-            )
-            if event.kind == "failed":
-                if status not in TERMINAL:
-                    status = "failed"
-                    db.execute(
-                        "UPDATE jobs SET error = ? WHERE job_id = ?",
-                        (event.error.model_dump_json() if event.error else None, event.job_id),
-                    )
-            elif event.kind == "progress":
-                status = self._count_unit(db, event, status)
+            for event in events:
+                if self._fold(db, event):
+                    changed.add(event.job_id)
+        return changed
+
+    def _fold(self, db: sqlite3.Connection, event: JobEvent) -> bool:
+        at = event.at.isoformat()
+        row = db.execute("SELECT status FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
+        if row is None:
+            return False
+        status: JobStatus = row["status"]
+        db.execute(
+            "INSERT INTO job_stages (job_id, stage, started_at, attempts) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (job_id, stage) DO UPDATE SET"
+            " started_at = COALESCE(started_at, excluded.started_at),"
+            " attempts = MAX(attempts, excluded.attempts)",
+            (event.job_id, event.stage, at, event.attempt),
+        )
+        if event.kind == "failed":
             if status not in TERMINAL:
-                status = _later(status, STATUS_OF_STAGE[event.stage])
-            db.execute(
-                "UPDATE jobs SET status = ?, updated_at = ? WHERE job_id = ?",
-                (status, self._now(), event.job_id),
-            )
+                status = "failed"
+                db.execute(
+                    "UPDATE jobs SET error = ? WHERE job_id = ?",
+                    (event.error.model_dump_json() if event.error else None, event.job_id),
+                )
+        elif event.kind == "progress":
+            status = self._count_unit(db, event, status)
+        if status not in TERMINAL:
+            status = _later(status, STATUS_OF_STAGE[event.stage])
+        db.execute(
+            "UPDATE jobs SET status = ?, updated_at = ? WHERE job_id = ?",
+            (status, self._now(), event.job_id),
+        )
         return True
 
     def _count_unit(self, db: sqlite3.Connection, event: JobEvent, status: JobStatus) -> JobStatus:

@@ -74,7 +74,9 @@ async def accept(
         except Permanent as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise ApiError(status, exc.code, f"{filename}: {exc}") from exc
-        duplicate = _duplicate_of(services, collection, sha256, idempotency_key, document_id)
+        duplicate = await asyncio.to_thread(
+            _duplicate_of, services, collection, sha256, idempotency_key, document_id
+        )
         if duplicate is not None:
             return 200, answer(duplicate, duplicate=True)
         services.blobs.adopt(staged, sha256)
@@ -93,13 +95,13 @@ async def accept(
         # The upload request's trace is the job's: a person goes from a job to its trace.
         trace_id=tracing.current_trace_id(),
     )
-    services.store.create(job)
+    await asyncio.to_thread(services.store.create, job)
     try:
         await publish_upload(services, job)
     except BaseException:
-        services.store.forget(job.job_id)
+        await asyncio.to_thread(services.store.forget, job.job_id)
         raise
-    created = services.store.get(job.job_id)
+    created = await asyncio.to_thread(services.store.get, job.job_id)
     assert created is not None
     return 202, answer(created)
 

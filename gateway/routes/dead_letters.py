@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -44,7 +45,8 @@ async def _visible_letters(
 ) -> list[tuple[dlq.DeadLetter, str | None]]:
     """The dead letters the caller may see, each with its job's collection (None: unknown)."""
     letters = await dlq.list_dead_letters(services.broker)
-    known = services.store.collections_of({lt.job_id for lt in letters if lt.job_id})
+    job_ids = {lt.job_id for lt in letters if lt.job_id}
+    known = await asyncio.to_thread(services.store.collections_of, job_ids)
     visible = []
     for letter in letters:
         collection = known.get(letter.job_id or "")
@@ -110,7 +112,7 @@ async def replay(
     except Transient as exc:
         raise _broker_trouble(exc) from exc
     # Reopened first: the stage's events for a job still marked failed would be ignored.
-    reopened = _reopen(services, [job_id for job_id in listed if job_id])
+    reopened = await asyncio.to_thread(_reopen, services, [job_id for job_id in listed if job_id])
     replayed: Counter[str | None] = Counter()
     try:
         # Letters of jobs not in the listing (newly dead, or not the caller's) wait for next time.
@@ -121,7 +123,7 @@ async def replay(
     except BaseException as exc:
         for job_id, before in reopened.items():
             if replayed[job_id] < listed[job_id]:
-                _fail_again(services, before)
+                await _fail_again(services, before)
         if isinstance(exc, Transient):
             raise _broker_trouble(exc) from exc
         raise
@@ -131,7 +133,7 @@ async def replay(
     for job_id, before in reopened.items():
         if not replayed[job_id]:
             # Its letters were gone by the time of the replay: nothing is in flight for it.
-            _fail_again(services, before)
+            await _fail_again(services, before)
     return ReplayAnswer(
         replayed=sum(replayed.values()), jobs=[job_id for job_id in replayed if job_id]
     )
@@ -147,17 +149,18 @@ def _reopen(services: Services, job_ids: list[str]) -> dict[str, Job]:
     return reopened
 
 
-def _fail_again(services: Services, before: Job) -> None:
+async def _fail_again(services: Services, before: Job) -> None:
     """Put a reopened job back to failed with the error it had."""
     if before.error is None:
         return
-    services.store.apply(
+    await asyncio.to_thread(
+        services.store.apply,
         JobEvent(
             job_id=before.job_id,
             document_id=before.document_id,
             stage=before.error.stage,
             kind="failed",
             error=before.error,
-        )
+        ),
     )
     services.changes.notify(before.job_id)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from contracts.messages import COLLECTION_PATTERN
 from gateway import metrics
 from gateway.errors import ApiError
-from gateway.services import Access, AccessDep, ServicesDep, require_api_key
+from gateway.services import Access, AccessDep, Services, ServicesDep, require_api_key
 from gateway.uploads import accept
 
 router = APIRouter(prefix="/v1/documents", dependencies=[Depends(require_api_key)])
@@ -30,9 +30,9 @@ def valid_collection(collection: str) -> str:
     return collection
 
 
-def _collection_of(services: ServicesDep, access: Access, document_id: str) -> str:
+async def _collection_of(services: ServicesDep, access: Access, document_id: str) -> str:
     """The document's collection; 404 also when the caller's key does not open it."""
-    collection = services.store.document_collection(document_id)
+    collection = await asyncio.to_thread(services.store.document_collection, document_id)
     # Another collection's document answers like a missing one, so keys cannot probe ids.
     if collection is None or not access.allows(collection):
         raise ApiError(404, "document_not_found", f"No document {document_id}.")
@@ -71,7 +71,7 @@ async def replace(
     file: Annotated[UploadFile, File()],
 ) -> JSONResponse:
     """Upload a new version; the old one stays searchable until the new one is indexed."""
-    collection = _collection_of(services, access, document_id)
+    collection = await _collection_of(services, access, document_id)
     with metrics.upload_answer() as outcome:
         status, answer = await accept(services, file, collection, None, document_id=document_id)
         outcome(status)
@@ -81,10 +81,15 @@ async def replace(
 @router.delete("/{document_id}", status_code=204)
 async def delete(services: ServicesDep, access: AccessDep, document_id: str) -> Response:
     """Remove a document's chunks from the index and its blobs from the blob store."""
-    collection = _collection_of(services, access, document_id)
+    collection = await _collection_of(services, access, document_id)
     await asyncio.to_thread(services.index.delete_document, collection, document_id)
+    await asyncio.to_thread(_forget_document, services, document_id)
+    return Response(status_code=204)
+
+
+def _forget_document(services: Services, document_id: str) -> None:
+    """Drop the document from the job store and the blobs no live document still uses."""
     for job_blobs in services.store.delete_document(document_id):
         for sha256 in (job_blobs.blob_sha256, job_blobs.parsed_sha256):
             if sha256 and not services.store.blob_in_use(sha256):
                 services.blobs.delete(sha256)
-    return Response(status_code=204)

@@ -22,8 +22,8 @@ _KEEPALIVE_S = 15.0
 _RECHECK_S = 2.0
 
 
-def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job:
-    job = services.store.get(job_id)
+async def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job:
+    job = await asyncio.to_thread(services.store.get, job_id)
     # Another collection's job answers like a missing one, so keys cannot probe ids.
     if job is None or not access.allows(job.collection):
         raise ApiError(404, "job_not_found", f"No job {job_id}.")
@@ -33,7 +33,7 @@ def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job:
 @router.get("/{job_id}")
 async def get_job(services: ServicesDep, access: AccessDep, job_id: str) -> Job:
     """One job's status, progress and stage timings."""
-    return _job_or_404(services, access, job_id)
+    return await _job_or_404(services, access, job_id)
 
 
 @router.get("")
@@ -50,8 +50,14 @@ async def list_jobs(
     if collection:
         access.require(collection)
     try:
-        jobs, next_cursor = services.store.page(
-            status, collection, limit, cursor, collections=access.collections, stalled=stalled
+        jobs, next_cursor = await asyncio.to_thread(
+            services.store.page,
+            status,
+            collection,
+            limit,
+            cursor,
+            collections=access.collections,
+            stalled=stalled,
         )
     except ValueError as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from exc
@@ -63,13 +69,13 @@ async def job_events(
     services: ServicesDep, access: AccessDep, job_id: str, request: Request
 ) -> StreamingResponse:
     """Server-sent events: the job at connect and on every change, until it ends."""
-    _job_or_404(services, access, job_id)
+    await _job_or_404(services, access, job_id)
 
     async def stream() -> AsyncIterator[str]:
         last = ""
         quiet_s = 0.0
         while True:
-            job = services.store.get(job_id)
+            job = await asyncio.to_thread(services.store.get, job_id)
             if job is None:
                 return
             body = job.model_dump_json()
@@ -95,7 +101,7 @@ async def job_events(
 @router.post("/{job_id}/retry", status_code=202)
 async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONResponse:
     """Resume a failed job from the stage that failed (its dead letters), else from the start."""
-    job = _job_or_404(services, access, job_id)
+    job = await _job_or_404(services, access, job_id)
     if job.status != "failed" or job.error is None:
         raise ApiError(409, "job_not_failed", f"Job {job_id} is {job.status}, not failed.")
     if not services.broker.is_connected:
@@ -106,21 +112,22 @@ async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONRe
             RETRY_AFTER_S,
         )
     previous_error = job.error
-    services.store.reopen(job_id)
+    await asyncio.to_thread(services.store.reopen, job_id)
     try:
         if await dlq.replay(services.broker, job_id=job_id) == 0:
             # Its dead letters are gone (purged or replayed elsewhere): every stage is
             # idempotent, so starting over from the upload is safe.
             await publish_upload(services, job)
     except BaseException as exc:
-        services.store.apply(
+        await asyncio.to_thread(
+            services.store.apply,
             JobEvent(
                 job_id=job.job_id,
                 document_id=job.document_id,
                 stage=previous_error.stage,
                 kind="failed",
                 error=previous_error,
-            )
+            ),
         )
         if isinstance(exc, Transient):
             raise ApiError(
@@ -128,5 +135,5 @@ async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONRe
             ) from exc
         raise
     services.changes.notify(job_id)
-    job = _job_or_404(services, access, job_id)
+    job = await _job_or_404(services, access, job_id)
     return JSONResponse(job.model_dump(mode="json"), status_code=202)

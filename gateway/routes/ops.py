@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
@@ -25,7 +27,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if not services.broker.is_connected:
         down.append("broker")
     try:
-        services.store.ping()
+        await asyncio.to_thread(services.store.ping)
     except Exception:
         down.append("job_store")
     if not services.blobs.root.is_dir():
@@ -38,5 +40,5 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics")
 async def prometheus(services: ServicesDep) -> Response:
     """Prometheus text format."""
-    body, content_type = metrics.render(services.store)
+    body, content_type = await asyncio.to_thread(metrics.render, services.store)
     return Response(body, media_type=content_type)

@@ -128,3 +128,27 @@ def test_listing_can_be_limited_to_a_keys_collections(store: SqliteJobStore) -> 
     assert store.page(None, "green", 10, None, collections=frozenset({"red"}))[0] == []
     assert store.collections_of(["r1", "g1", "nope", "r1"]) == {"r1": "red", "g1": "green"}
     assert store.collections_of([]) == {}
+
+
+def test_events_folded_together_give_what_one_at_a_time_gives(
+    store: SqliteJobStore, tmp_path: Path
+) -> None:
+    events = [
+        event("parse", "started"),
+        event("parse", pages=2),
+        event("chunk", chunks_total=3, batch_count=1),
+        event("embed", batch_index=0, batch_count=1, chunks=3),
+        event("embed", batch_index=0, batch_count=1, chunks=3),  # redelivered
+        event("index", batch_index=0, batch_count=1, chunks=3),
+        JobEvent(job_id="unknown", document_id="d9", stage="parse", kind="started"),
+    ]
+    assert store.apply_all(events) == {"j1"}
+    one_by_one = SqliteJobStore(tmp_path / "other.sqlite3")
+    one_by_one.create(NewJob("j1", "d1", "default", "a.pdf", "application/pdf", 10, "a" * 64))
+    for e in events:
+        one_by_one.apply(e)
+    together, apart = store.get("j1"), one_by_one.get("j1")
+    assert together is not None and apart is not None
+    assert together.status == apart.status == "indexed"
+    assert together.progress == apart.progress
+    assert together.progress.chunks_indexed == 3
