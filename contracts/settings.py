@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
     model_dir: Path | None = None
     embed_device: str = "auto"
+    # Texts per forward pass of the model.
     embed_batch_size: int = Field(64, ge=1)
+    # Texts one model call takes from every message in hand, sorted by length and cut into
+    # forward passes of `embed_batch_size`: a big call wastes less on padding (bench/README.md).
+    embed_call_chunks: int = Field(512, ge=1)
     # How long a lone chunk batch waits for others to share its model call.
     embed_batch_wait_s: float = Field(0.02, ge=0)
     chunk_max_tokens: int = Field(256, ge=16)
@@ -49,10 +53,13 @@ class Settings(BaseSettings):
     parse_concurrency: int = Field(1, ge=1)
     chunk_prefetch: int = Field(4, ge=1)
     chunk_concurrency: int = Field(2, ge=1)
-    embed_prefetch: int = Field(16, ge=1)
-    embed_concurrency: int = Field(16, ge=1)
+    embed_prefetch: int = Field(32, ge=1)
+    embed_concurrency: int = Field(32, ge=1)
     index_prefetch: int = Field(16, ge=1)
     index_concurrency: int = Field(16, ge=1)
+    # Stages are batch work: they run this much nicer than the gateway and RabbitMQ, so an
+    # upload is answered at once even when a model batch has every core (0: same priority).
+    stage_nice: int = Field(10, ge=0, le=19)
 
     # Delivery safety: how often a message may crash its worker, and when stage queues push back.
     delivery_limit: int = Field(5, ge=1)
@@ -63,6 +70,8 @@ class Settings(BaseSettings):
     # Hostile input: every limit breached fails the document with its own error code.
     parse_timeout_s: float = Field(120.0, gt=0)
     parse_memory_mb: int = Field(2048, ge=64)
+    # A parse worker that still holds more than this after a document is replaced by a fresh one.
+    parse_worker_recycle_mb: int = Field(200, ge=64)
     max_pdf_pages: int = Field(2000, ge=1)
     max_docx_uncompressed_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_html_bytes: int = Field(20 * 1024 * 1024, ge=1)

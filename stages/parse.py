@@ -27,6 +27,7 @@ async def startup(settings: Settings) -> ParseContext:
         settings.tuning("parse").concurrency,
         timeout_s=settings.parse_timeout_s,
         memory_mb=settings.parse_memory_mb,
+        recycle_mb=settings.parse_worker_recycle_mb,
         preload=["stages.formats"],
     )
     await sandbox.start()

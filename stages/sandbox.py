@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import itertools
 import logging
@@ -38,7 +39,9 @@ _READY = "ready"
 _BOOT_TIMEOUT_S = 60.0
 _JOIN_TIMEOUT_S = 5.0
 _RESPAWN_DELAYS_S = (0.5, 2.0, 10.0, 30.0)
-Outcome = tuple[str, Any]  # ("ok", result) | ("error", exception) | ("memory" | "died", None)
+# ("ok", result) | ("error", exception) | ("memory" | "died", None), and whether the worker
+# is exiting after this answer (it outgrew `recycle_mb`).
+Outcome = tuple[str, Any, bool]
 
 
 @dataclass(eq=False)
@@ -56,11 +59,13 @@ class Sandbox:
         *,
         timeout_s: float,
         memory_mb: int | None = None,
+        recycle_mb: int | None = None,
         preload: Sequence[str] = (),
     ) -> None:
         self.size = workers
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        self.recycle_mb = recycle_mb
         self._preload = tuple(preload)
         self._context = multiprocessing.get_context("spawn")
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
@@ -99,7 +104,7 @@ class Sandbox:
         payload = bytes(ForkingPickler.dumps((fn, args)))  # fails here, before a worker is taken
         worker = await self._idle.get()
         try:
-            kind, value = await asyncio.wait_for(
+            kind, value, exiting = await asyncio.wait_for(
                 asyncio.to_thread(_exchange, worker.conn, payload), self.timeout_s
             )
         except TimeoutError:
@@ -109,13 +114,16 @@ class Sandbox:
             # Cancelled mid-call, or an undecodable answer: the worker's state is unknown.
             self._retire_soon(worker)
             raise
-        if kind == "ok":
-            self._idle.put_nowait(worker)
+        if kind in ("ok", "error"):
+            if exiting:
+                # Grown past `recycle_mb`: it exits by itself; a fresh one takes its place.
+                self._retire_soon(worker, kill=False)
+            else:
+                self._idle.put_nowait(worker)
+            if kind == "error":
+                raise value
             result: T = value
             return result
-        if kind == "error":
-            self._idle.put_nowait(worker)
-            raise value
         exitcode = await self._retire(worker, kill=False)
         if self._closed:
             raise Transient("The parse stage stopped while parsing; the document will be retried.")
@@ -143,7 +151,7 @@ class Sandbox:
         memory_bytes = self.memory_mb * 1024 * 1024 if self.memory_mb else None
         process = self._context.Process(
             target=_serve,
-            args=(theirs, memory_bytes, self._preload),
+            args=(theirs, memory_bytes, self.recycle_mb, self._preload),
             name="sluice-sandbox",
             daemon=True,  # never outlive the stage, even if it dies without closing us
         )
@@ -156,7 +164,7 @@ class Sandbox:
         except BaseException:
             await self._retire(worker, kill=True, replace=False)
             raise
-        if hello != ("ok", _READY):
+        if hello != ("ok", _READY, False):
             await self._retire(worker, kill=False, replace=False)
             raise RuntimeError(
                 f"A parse worker failed to start (exit code {process.exitcode}); see its output "
@@ -172,11 +180,13 @@ class Sandbox:
             self._respawn()
         return exitcode
 
-    def _retire_soon(self, worker: _Worker) -> None:
-        # Called while being cancelled: kill now (a syscall), reap and replace in the background.
+    def _retire_soon(self, worker: _Worker, *, kill: bool = True) -> None:
+        # Called while being cancelled (kill now: a syscall) or for a worker exiting by itself:
+        # reap and replace in the background.
         self._workers.discard(worker)
-        worker.process.kill()
-        task = asyncio.create_task(asyncio.to_thread(_reap, worker, True))
+        if kill:
+            worker.process.kill()
+        task = asyncio.create_task(asyncio.to_thread(_reap, worker, kill))
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
         if not self._closed:
@@ -237,7 +247,7 @@ def _exchange(conn: Connection, payload: bytes) -> Outcome:
     try:
         conn.send_bytes(payload)
     except OSError:
-        return ("died", None)
+        return ("died", None, True)
     return _receive(conn)
 
 
@@ -245,7 +255,7 @@ def _receive(conn: Connection) -> Outcome:
     try:
         data = conn.recv_bytes()
     except (EOFError, OSError):
-        return ("died", None)
+        return ("died", None, True)
     outcome: Outcome = pickle.loads(data)
     return outcome
 
@@ -284,15 +294,28 @@ def _kill_all(workers: set[_Worker]) -> None:
 # ---- In the worker process. ----
 
 
-def _serve(conn: Connection, memory_bytes: int | None, preload: tuple[str, ...]) -> None:
-    """A worker's life: import, cap its address space, then run calls until told to stop."""
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): no malloc_trim, the recycling still applies
+        return None
+
+
+_libc = _glibc()
+
+
+def _serve(
+    conn: Connection, memory_bytes: int | None, recycle_mb: int | None, preload: tuple[str, ...]
+) -> None:
+    """A worker's life: import, cap its address space, then run calls until told to stop or
+    grown past `recycle_mb`."""
     # Ctrl-C reaches the whole process group; the stage decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in preload:
         importlib.import_module(module)
     if memory_bytes is not None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    conn.send(("ok", _READY))
+    conn.send(("ok", _READY, False))
     while True:
         try:
             call = conn.recv()
@@ -300,21 +323,36 @@ def _serve(conn: Connection, memory_bytes: int | None, preload: tuple[str, ...])
             return  # the stage is gone
         if call is None:
             return
-        outcome = _call(*call)
+        kind, value = _call(*call)
+        # After a failed allocation a C library may be in any state: start afresh.
+        exiting = kind == "memory" or _outgrown(recycle_mb)
         try:
-            conn.send(outcome)
+            conn.send((kind, value, exiting))
         except MemoryError:
-            outcome = ("memory", None)
-            conn.send(outcome)
+            conn.send(("memory", None, True))
+            return
         except Exception as exc:  # the result would not pickle
-            outcome = ("error", _portable(exc))
-            conn.send(outcome)
-        if outcome[0] == "memory":
-            # After a failed allocation a C library may be in any state: start afresh.
+            conn.send(("error", _portable(exc), exiting))
+        if exiting:
             return
 
 
-def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+def _outgrown(recycle_mb: int | None) -> bool:
+    """Whether this worker holds more than `recycle_mb` even after giving freed memory back.
+
+    Parsers leave the heap fragmented (python-docx/lxml most of all: ~0.1 MB per document
+    that glibc keeps), so a long-lived worker would creep upwards by itself.
+    """
+    if _libc is not None:
+        _libc.malloc_trim(0)
+    if recycle_mb is None:
+        return False
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * resource.getpagesize() > recycle_mb * 1024 * 1024
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
     try:
         return ("ok", fn(*args))
     except MemoryError:

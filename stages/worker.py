@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -21,9 +22,15 @@ log = logging.getLogger(__name__)
 
 def run_stage(name: StageName, settings: Settings) -> None:
     """Run one stage in the foreground; returns after a clean drain on SIGTERM/SIGINT."""
-    configure_logging(f"sluice-{name}", settings.log_format)
-    tracing.setup_tracing(f"sluice-{name}")
-    asyncio.run(serve(load_stage(name), settings))
+    run_with(load_stage(name), settings)
+
+
+def run_with(stage: Stage[Any, Any], settings: Settings) -> None:
+    """Run a stage declared anywhere (a benchmark's, a test's) as `run_stage` runs ours."""
+    configure_logging(f"sluice-{stage.name}", settings.log_format)
+    tracing.setup_tracing(f"sluice-{stage.name}")
+    os.nice(settings.stage_nice)
+    asyncio.run(serve(stage, settings))
 
 
 async def serve(

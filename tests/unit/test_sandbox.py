@@ -48,6 +48,15 @@ def allocate(megabytes: int) -> int:
     return len(bytearray(megabytes * 1024 * 1024))
 
 
+_HELD: list[bytes] = []
+
+
+def hold(megabytes: int) -> int:
+    """Keep `megabytes` resident in the worker, as a leaking parser would; returns its pid."""
+    _HELD.append(b"x" * (megabytes * 1024 * 1024))
+    return os.getpid()
+
+
 def segfault() -> None:
     ctypes.string_at(0)
 
@@ -203,3 +212,18 @@ async def test_close_stops_every_worker() -> None:
     assert not alive(pid)
     with pytest.raises(Transient):
         await pool.run(add, 1, 2)
+
+
+async def test_a_worker_grown_past_its_recycle_size_is_replaced_after_answering() -> None:
+    pool = Sandbox(1, timeout_s=TIMEOUT_S, recycle_mb=150, preload=[__name__])
+    await pool.start()
+    try:
+        small = await pool.run(hold, 1)
+        assert await pool.run(sleep, 0) == small  # under the size: kept
+        grown = await pool.run(hold, 200)  # the answer still arrives
+        await eventually(lambda: not alive(grown) and len(pool.pids()) == 1)
+        fresh = await pool.run(sleep, 0)
+        assert fresh not in (small, grown)
+        assert await pool.run(add, 2, 2) == 4
+    finally:
+        await pool.close()
