@@ -1,7 +1,7 @@
 """The stage runtime: consume, validate, call the handler, publish with confirms, then ack.
 
 How a delivery ends is decided here, once, for every stage:
-- handler returned → outputs published and confirmed → progress event → ack;
+- handler returned → outputs and the progress event published, both confirmed → ack;
 - `Permanent` (or a message that does not validate) → copy to the dead-letter exchange with
   the reason in headers → `failed` event → ack;
 - `Transient` → a few short in-process retries first (jittered, never long enough to hold a
@@ -67,6 +67,7 @@ class StageRunner:
         self.queue_name = routing.stage_queue(settings.namespace, stage.name)
         self._slots = asyncio.Semaphore(settings.tuning(stage.name).concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._announcing: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event, *, drain_timeout_s: float = 30.0) -> None:
         """Consume until `stop` is set; then stop taking messages and finish those in hand."""
@@ -156,7 +157,7 @@ class StageRunner:
             },
         )
         if index == 0:
-            await self.broker.publish(events.started(self.stage.name, msg, attempt))
+            self._announce(events.started(self.stage.name, msg, attempt))
         started = time.perf_counter()
         try:
             outputs = await self._handle(msg)
@@ -166,16 +167,20 @@ class StageRunner:
         except Exception as exc:
             await self._retry_or_give_up(delivery, msg, exc, attempt)
             return
+        event = events.progress(self.stage.name, msg, outputs, attempt)
         try:
-            await asyncio.gather(*(self.broker.publish(out) for out in outputs))
+            # Confirmed together, in one round trip; the ack waits for both. A progress event
+            # confirmed beside outputs the broker refused only runs ahead of the retry that
+            # publishes them again (units count once).
+            await asyncio.gather(
+                *(self.broker.publish(out) for out in outputs), self.broker.publish(event)
+            )
         except PublishRejected:
             # The next stage's queue is full: that is backpressure, not a failure of this
             # message, so it waits in the first retry tier without spending an attempt.
             metrics.RETRIED.labels(self.stage.name, "pipeline_saturated").inc()
             await self._retry_later(delivery, attempt, self.settings.retry_delays_s[0])
             return
-        event = events.progress(self.stage.name, msg, outputs, attempt)
-        await self.broker.publish(event)
         await delivery.ack()
         elapsed_s = time.perf_counter() - started
         log.info(
@@ -190,6 +195,18 @@ class StageRunner:
         metrics.SUCCEEDED.labels(self.stage.name).inc()
         metrics.CHUNKS.labels(self.stage.name).inc(chunks)
         tracing.annotate(span, {"sluice.pages": event.pages, "sluice.chunks": event.chunks_total})
+
+    def _announce(self, event: events.JobEvent) -> None:
+        """Publish a `started` event without waiting for it: a lost one loses nothing (progress
+        moves the job on too), so the handler does not wait a round trip for its confirm."""
+        task = asyncio.create_task(self.broker.publish(event))
+        self._announcing.add(task)
+        task.add_done_callback(self._announced)
+
+    def _announced(self, task: asyncio.Task[None]) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("%s: a started event was not published: %s", self.stage.name, exc)
 
     async def _handle(self, msg: Message) -> Sequence[Message]:
         """The stage's handler, with short jittered retries of transient errors in-process."""
