@@ -36,7 +36,7 @@ async def startup(settings: Settings) -> EmbedContext:
     """Build the embedder the settings choose (loading a local model takes a while)."""
     embedder = await asyncio.to_thread(make_embedder, settings)
     return context_for(
-        embedder, max_items=settings.embed_batch_size, max_wait_s=settings.embed_batch_wait_s
+        embedder, max_items=settings.embed_call_chunks, max_wait_s=settings.embed_batch_wait_s
     )
 
 
