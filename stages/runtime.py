@@ -1,7 +1,8 @@
 """The stage runtime: consume, validate, call the handler, publish with confirms, then ack.
 
 How a delivery ends is decided here, once, for every stage:
-- handler returned → outputs and the progress event published, both confirmed → ack;
+- handler returned → outputs and the progress event published, both confirmed → ack (a
+  handler that takes longer than `ANNOUNCE_AFTER_S` also announces a `started` event);
 - `Permanent` (or a message that does not validate) → copy to the dead-letter exchange with
   the reason in headers → `failed` event → ack;
 - `Transient` → a few short in-process retries first (jittered, never long enough to hold a
@@ -54,6 +55,8 @@ from stages.stage import Stage
 log = logging.getLogger(__name__)
 # Set by quorum queues on redelivery: how often the message was handed out and not settled.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+# A handler still busy after this long announces that its stage started on the job.
+ANNOUNCE_AFTER_S = 0.5
 
 
 class StageRunner:
@@ -156,8 +159,13 @@ class StageRunner:
                 "sluice.batch_size": chunks or None,
             },
         )
+        announcing = None
         if index == 0:
-            self._announce(events.started(self.stage.name, msg, attempt))
+            # Only work a person could watch gets its own `started` event: a handler done
+            # sooner says so with its progress event alone, one broker message fewer.
+            announcing = asyncio.get_running_loop().call_later(
+                ANNOUNCE_AFTER_S, self._announce, events.started(self.stage.name, msg, attempt)
+            )
         started = time.perf_counter()
         try:
             outputs = await self._handle(msg)
@@ -167,6 +175,9 @@ class StageRunner:
         except Exception as exc:
             await self._retry_or_give_up(delivery, msg, exc, attempt)
             return
+        finally:
+            if announcing is not None:
+                announcing.cancel()
         event = events.progress(self.stage.name, msg, outputs, attempt)
         try:
             # Confirmed together, in one round trip; the ack waits for both. A progress event
