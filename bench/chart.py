@@ -46,14 +46,15 @@ def chart(r: Results, path: Path) -> None:
     _bars(throughput, "End-to-end throughput", rates, "chunks/s", target)
     if r.overhead is not None:
         o = r.overhead
-        msgs = {"Sluice, zero-cost": o.sluice_messages_per_s, "aio-pika": o.plain.messages_per_s}
+        msgs = {"Sluice runtime": o.sluice_messages_per_s, "aio-pika": o.plain.messages_per_s}
         _bars(overhead, "Pipeline overhead", msgs, "messages/s", 0.7 * o.plain.messages_per_s)
     if r.saturated is not None:
         s = r.saturated
         times = {"p50": s.answer_ms_p50, "p99": s.answer_ms_p99}
-        _bars(answer, f"Upload answer, {s.clients} clients, embed busy", times, "ms", 50.0)
+        title = f"Upload answer, {s.clients} clients x 1/{s.interval_s:g} s, embed busy"
+        _bars(answer, title, times, "ms", 50.0)
         rss = {name: peak.tree_mb for name, peak in s.rss.items()}
-        _bars(memory, f"Peak RSS, {s.uploads} docs queued", rss, "MB", 300.0)
+        _bars(memory, f"Peak RSS, {s.burst.uploads + s.uploads} docs queued", rss, "MB", 300.0)
     fig.suptitle(f"Sluice benchmark: {r.documents} documents, {len(r.prepared.texts)} chunks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -68,6 +68,28 @@ async def upload_all(
     return answers
 
 
+async def upload_paced(
+    url: str, collection: str, docs: list[Document], clients: int, interval_s: float
+) -> list[Answer]:
+    """Upload every document with `clients` clients, each starting one upload every
+    `interval_s` (spread over the interval, so `clients / interval_s` uploads/s are offered);
+    a client whose answer comes late sends its next upload at once."""
+    pending = iter(docs)
+    answers: list[Answer] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+
+        async def one_client(n: int) -> None:
+            due = time.monotonic() + interval_s * n / clients
+            for doc in pending:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                due += interval_s
+                answers.append(await upload(client, collection, doc))
+
+        await asyncio.gather(*(one_client(n) for n in range(clients)))
+    return answers
+
+
 async def jobs_in(client: httpx.AsyncClient, collection: str) -> AsyncIterator[Job]:
     """Every job in the collection, following the cursor."""
     params: dict[str, str | int] = {"collection": collection, "limit": 500}

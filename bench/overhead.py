@@ -1,33 +1,46 @@
-"""Pipeline overhead: Sluice with a zero-cost embedder against a plain aio-pika chain."""
+"""Pipeline overhead: Sluice's runtime moving messages with no work to do, against a plain
+aio-pika chain of four pass-through consumers moving the same messages.
+
+Both sides get the corpus's data-plane messages `repeat` times over (enough for a steady
+rate), published straight onto the first queue, and are timed from the first publish to the
+last message done. Sluice runs its four stage processes (bench/passthrough.py: the real runtime
+and embed handler, a zero-cost embedder, parse/chunk answering recorded outputs, index writing
+nothing) with the gateway's tracker folding their job events, as in production.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from aio_pika.abc import AbstractIncomingMessage
 from broker import BrokerHandle
+from pipeline import Pipeline, launch, stop_pipeline
 
-from bench.corpus import Document
 from bench.pika_chain import PlainRun, plain_chain
-from bench.prepare import Plan
-from bench.procs import answers, child_env, free_port, spawn, stop, wait_for
-from bench.sluice_run import EndToEnd, end_to_end
+from bench.prepare import Plan, Prepared
+from bench.sluice_run import DEFAULTS, keep_logs
+from contracts import routing
+from contracts.messages import STAGES, DocumentUploaded
+from stages.broker import Broker
 
 
 @dataclass(frozen=True)
 class Overhead:
-    """The same data-plane messages through Sluice (real parse, chunk, index) and through
-    four pass-through consumers."""
+    """The same data-plane messages through Sluice's runtime and through the plain chain."""
 
-    sluice: EndToEnd
     messages: int
+    sluice_s: float
     plain: PlainRun
 
     @property
     def sluice_messages_per_s(self) -> float:
-        """Sluice's data-plane messages (upload, parsed, chunk and embedded batches) per second."""
-        return self.messages / self.sluice.wall_s
+        """Data-plane messages (upload, parsed, chunk and embedded batches) per second."""
+        return self.messages / self.sluice_s
 
     @property
     def ratio(self) -> float:
@@ -36,31 +49,75 @@ class Overhead:
 
 
 def overhead(
-    broker: BrokerHandle,
-    root: Path,
-    docs: list[Document],
-    plans: list[Plan],
-    *,
-    clients: int,
-    deadline_s: float,
+    broker: BrokerHandle, root: Path, prepared: Prepared, *, repeat: int, deadline_s: float
 ) -> Overhead:
-    """Run the corpus through Sluice with the zero-cost endpoint, then the plain chain."""
-    port = free_port()
-    log = root / "zero-embedder.log"
-    endpoint = spawn(
-        [sys.executable, "-m", "bench.zero_embedder", "--port", str(port)], log, child_env()
+    """Run `repeat` copies of the corpus's messages through Sluice, then the plain chain."""
+    recording = root / "recording.json"
+    root.mkdir(parents=True, exist_ok=True)
+    prepared.recording.dump(recording)
+    passthrough = [sys.executable, "-m", "bench.passthrough"]
+    pipeline = launch(
+        broker,
+        root / "sluice",
+        {**DEFAULTS, "BENCH_RECORDING": str(recording)},
+        commands={stage: [*passthrough, stage] for stage in STAGES},
     )
+    names = list(prepared.recording.parsed)
+    uploads = [
+        _uploaded(name, plan.uploaded)
+        for _ in range(repeat)
+        for name, plan in zip(names, prepared.plans, strict=True)
+    ]
+    batches = repeat * sum(len(p.embedded_batches) for p in prepared.plans)
     try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), 60, "zero embedder", log)
-        sluice = end_to_end(
-            broker,
-            root / "sluice",
-            docs,
-            clients=clients,
-            deadline_s=deadline_s,
-            SLUICE_EMBED_URL=f"http://127.0.0.1:{port}/v1",
-        )
+        sluice_s = asyncio.run(_through_sluice(pipeline, uploads, batches, deadline_s))
+    except BaseException:
+        keep_logs(pipeline)
+        raise
     finally:
-        stop([endpoint])
+        stop_pipeline(pipeline)
+    plans: list[Plan] = prepared.plans * repeat
     plain = plain_chain(broker.amqp_url, plans, deadline_s)
-    return Overhead(sluice=sluice, messages=sum(p.messages for p in plans), plain=plain)
+    return Overhead(messages=sum(p.messages for p in plans), sluice_s=sluice_s, plain=plain)
+
+
+def _uploaded(filename: str, size: int) -> DocumentUploaded:
+    return DocumentUploaded(
+        job_id=uuid.uuid4().hex,
+        document_id=uuid.uuid4().hex,
+        collection="overhead",
+        filename=filename,
+        blob_sha256="0" * 64,
+        content_type="application/octet-stream",
+        size_bytes=max(size, 1),
+    )
+
+
+async def _through_sluice(
+    pipeline: Pipeline, uploads: list[DocumentUploaded], batches: int, deadline_s: float
+) -> float:
+    """Publish every upload as the gateway does; wait for index's event for every batch."""
+    broker = Broker(pipeline.settings())
+    await broker.connect()
+    try:
+        channel = await broker.consumer_channel(prefetch=1000)
+        exchange = await channel.get_exchange(routing.exchange(pipeline.namespace))
+        # A copy of index's progress events, beside the tracker's: one per batch indexed.
+        watch = await channel.declare_queue(exclusive=True)
+        await watch.bind(exchange, routing.job_event_key("index", "progress"))
+        indexed = 0
+        done = asyncio.Event()
+
+        async def count(delivery: AbstractIncomingMessage) -> None:
+            nonlocal indexed
+            indexed += 1
+            if indexed == batches:
+                done.set()
+
+        await watch.consume(count, no_ack=True)
+        started = time.monotonic()
+        await asyncio.gather(*(broker.publish(m) for m in uploads))
+        await asyncio.wait_for(done.wait(), deadline_s)
+        return time.monotonic() - started
+    finally:
+        await broker.close()

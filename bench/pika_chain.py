@@ -2,14 +2,15 @@
 
 Each consumer takes from its queue and republishes what the matching Sluice stage would
 (same counts and body sizes, from the corpus's plans) to the next queue with publisher
-confirms, then acks; the last one only acks. Same queue type, prefetch and concurrency as
-Sluice's stages, one process per consumer as Sluice runs them; no work, no job events.
+confirms, then acks; the last one only acks. Same queue type, prefetch, concurrency and
+niceness as Sluice's stages, one process per consumer as Sluice runs them; no work, no job events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
@@ -100,6 +101,8 @@ async def _consume(step: int, url: str, plans: list[Plan], ready: Event, done: E
 
 
 def _consumer_process(step: int, url: str, plans: list[Plan], ready: Event, done: Event) -> None:
+    # The same scheduling priority as Sluice's stage processes.
+    os.nice(Settings().stage_nice)
     asyncio.run(_consume(step, url, plans, ready, done))
 
 

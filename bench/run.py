@@ -60,7 +60,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scale", type=float, default=1.0, help="corpus and backlog size factor")
     ap.add_argument("--clients", type=int, default=4, help="concurrent uploaders for throughput")
+    ap.add_argument("--overhead-repeat", type=int, default=10, help="corpus copies through phase 5")
     ap.add_argument("--load-clients", type=int, default=50, help="concurrent uploaders, phase 6")
+    ap.add_argument(
+        "--load-interval-s", type=float, default=1.0, help="phase 6: each client's upload interval"
+    )
+    ap.add_argument(
+        "--burst", type=int, default=500, help="phase 6: closed-loop uploads first (capacity)"
+    )
     ap.add_argument("--backlog", type=int, default=5000, help="documents queued in phase 7")
     ap.add_argument("--window-s", type=float, default=60.0, help="memory window after uploads")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
@@ -119,9 +126,8 @@ def main() -> None:
                 lambda: overhead(
                     broker,
                     root / "overhead",
-                    docs,
-                    prepared.plans,
-                    clients=args.clients,
+                    prepared,
+                    repeat=args.overhead_repeat,
                     deadline_s=deadline,
                 ),
             )
@@ -136,6 +142,8 @@ def main() -> None:
                     docs,
                     backlog,
                     clients=args.load_clients,
+                    interval_s=args.load_interval_s,
+                    burst=min(args.burst, len(backlog)),
                     window_s=args.window_s,
                 ),
             )

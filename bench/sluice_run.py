@@ -26,6 +26,7 @@ from bench.http_load import (
     jobs_in,
     percentile,
     upload_all,
+    upload_paced,
     wait_until_done,
 )
 from bench.memory import Peak, RssSampler, queue_depth
@@ -162,10 +163,29 @@ async def _drive(url: str, docs: list[Document], clients: int, deadline_s: float
 
 
 @dataclass(frozen=True)
+class Burst:
+    """Closed-loop uploads: each client sends its next upload as soon as the last is answered,
+    so the figures say how many uploads a second the gateway takes, and what queueing for it
+    costs each one."""
+
+    uploads: int
+    seconds: float
+    answer_ms_p50: float
+    answer_ms_p99: float
+
+    @property
+    def uploads_per_s(self) -> float:
+        """Uploads answered per second."""
+        return self.uploads / self.seconds
+
+
+@dataclass(frozen=True)
 class Saturated:
     """Upload answer times while embed is busy, and memory with a large backlog queued."""
 
     clients: int
+    interval_s: float
+    burst: Burst
     uploads: int
     statuses: dict[int, int]
     answer_ms_p50: float
@@ -188,14 +208,18 @@ def saturated(
     backlog: list[Document],
     *,
     clients: int,
+    interval_s: float,
+    burst: int,
     window_s: float,
 ) -> Saturated:
-    """Keep embed busy with `heavy`, then upload `backlog` with `clients` concurrent clients,
-    timing each answer and sampling every process's memory; stop after `window_s` more."""
+    """Keep embed busy with `heavy`, then upload `backlog` with `clients` concurrent clients
+    (the first `burst` closed-loop, the rest each client once every `interval_s`), timing each
+    answer and sampling every process's memory; stop after `window_s` more."""
     pipeline = launch(broker, root)
     sampler = RssSampler({name: p.pid for name, p in pipeline.processes.items()}).start()
+    load = Load(clients, interval_s, burst)
     try:
-        return asyncio.run(_saturate(broker, pipeline, sampler, heavy, backlog, clients, window_s))
+        return asyncio.run(_saturate(broker, pipeline, sampler, heavy, backlog, load, window_s))
     except BaseException:
         keep_logs(pipeline)
         raise
@@ -208,13 +232,22 @@ def _depths(broker: BrokerHandle, namespace: str) -> dict[str, dict[str, int]]:
     return {s: queue_depth(broker, routing.stage_queue(namespace, s)) for s in STAGES}
 
 
+@dataclass(frozen=True)
+class Load:
+    """How phase 6's clients upload."""
+
+    clients: int
+    interval_s: float
+    burst: int
+
+
 async def _saturate(
     broker: BrokerHandle,
     pipeline: Pipeline,
     sampler: RssSampler,
     heavy: list[Document],
     backlog: list[Document],
-    clients: int,
+    load: Load,
     window_s: float,
 ) -> Saturated:
     url = pipeline.url
@@ -225,10 +258,19 @@ async def _saturate(
             if time.monotonic() > deadline:
                 raise TimeoutError("the embed stage never started on the heavy documents")
             await asyncio.sleep(0.5)
-    print(f"  embed busy; uploading {len(backlog)} documents with {clients} clients", flush=True)
+    clients = load.clients
+    print(f"  embed busy; {load.burst} uploads closed-loop with {clients} clients", flush=True)
+    started = time.monotonic()
+    burst_answers = await upload_all(url, "backlog", backlog[: load.burst], clients)
+    burst_s = time.monotonic() - started
+    rest = backlog[load.burst :]
+    print(
+        f"  {len(rest)} uploads with {clients} clients, each one every {load.interval_s:g} s",
+        flush=True,
+    )
     started = time.monotonic()
     meter = CpuMeter(sampler.pids).start()
-    answers: list[Answer] = await upload_all(url, "backlog", backlog, clients)
+    answers: list[Answer] = await upload_paced(url, "backlog", rest, clients, load.interval_s)
     cpu_s = meter.stop()
     upload_s = time.monotonic() - started
     print(f"  uploads done in {upload_s:.1f} s; watching for {window_s:.0f} s", flush=True)
@@ -241,10 +283,18 @@ async def _saturate(
     depth_end = await asyncio.to_thread(_depths, broker, pipeline.namespace)
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
         backlog_jobs: list[dict[str, Any]] = [j async for j in jobs_in(client, "backlog")]
-    statuses = Counter(a.status for a in answers)
+    statuses = Counter(a.status for a in [*burst_answers, *answers])
     ms = [a.ms for a in answers]
+    burst_ms = [a.ms for a in burst_answers]
     return Saturated(
         clients=clients,
+        interval_s=load.interval_s,
+        burst=Burst(
+            uploads=len(burst_answers),
+            seconds=burst_s,
+            answer_ms_p50=percentile(burst_ms, 50),
+            answer_ms_p99=percentile(burst_ms, 99),
+        ),
         uploads=len(answers),
         statuses=dict(sorted(statuses.items())),
         answer_ms_p50=percentile(ms, 50),
