@@ -57,7 +57,8 @@ async def test_every_type_is_indexed_and_found(api: httpx.AsyncClient) -> None:
         assert job["progress"]["chunks_indexed"] == job["progress"]["chunks_total"] >= 1
         assert job["progress"]["chunks_embedded"] == job["progress"]["chunks_total"]
         assert set(job["stages"]) == {"parse", "chunk", "embed", "index"}
-        assert all(s["finished_at"] for s in job["stages"].values())
+        # Quick stages send no started event; their progress event still times them.
+        assert all(s["started_at"] <= s["finished_at"] for s in job["stages"].values()), job
     assert {j["filename"]: j["progress"]["pages"] for j in jobs}["report.pdf"] == 3
 
     expected = {
