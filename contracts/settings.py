@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
     model_dir: Path | None = None
     embed_device: str = "auto"
+    # `onnx`: ONNX Runtime on CPU (`onnx` extra), model exported once and cached; CPU only.
+    embed_backend: Literal["torch", "onnx"] = "torch"
     # Texts per forward pass of the model.
     embed_batch_size: int = Field(64, ge=1)
     # Texts one model call takes from every message in hand, sorted by length and cut into

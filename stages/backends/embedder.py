@@ -82,6 +82,10 @@ def make_embedder(settings: Settings) -> Embedder:
             timeout_s=settings.embed_timeout_s,
             batch_size=settings.embed_batch_size,
         )
+    if settings.embed_backend == "onnx":
+        from stages.backends.onnx_embedder import OnnxEmbedder
+
+        return OnnxEmbedder(settings.model_dir, settings.embed_batch_size)
     return SentenceTransformerEmbedder(
         settings.model_dir, settings.embed_device, settings.embed_batch_size
     )
