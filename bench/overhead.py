@@ -21,9 +21,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker import BrokerHandle
 from pipeline import Pipeline, launch, stop_pipeline
 
+from bench.cpu import CpuMeter
 from bench.pika_chain import PlainRun, plain_chain
 from bench.prepare import Plan, Prepared
-from bench.sluice_run import DEFAULTS, keep_logs
+from bench.sluice_run import DEFAULTS, keep_logs, pids
 from contracts import routing
 from contracts.messages import STAGES, DocumentUploaded
 from stages.broker import Broker
@@ -35,6 +36,8 @@ class Overhead:
 
     messages: int
     sluice_s: float
+    # CPU seconds per process (and the rest of the machine), first publish to last batch.
+    sluice_cpu_s: dict[str, float]
     plain: PlainRun
 
     @property
@@ -70,7 +73,9 @@ def overhead(
     ]
     batches = repeat * sum(len(p.embedded_batches) for p in prepared.plans)
     try:
+        meter = CpuMeter(pids(pipeline)).start()
         sluice_s = asyncio.run(_through_sluice(pipeline, uploads, batches, deadline_s))
+        sluice_cpu_s = meter.stop()
     except BaseException:
         keep_logs(pipeline)
         raise
@@ -78,7 +83,12 @@ def overhead(
         stop_pipeline(pipeline)
     plans: list[Plan] = prepared.plans * repeat
     plain = plain_chain(broker.amqp_url, plans, deadline_s)
-    return Overhead(messages=sum(p.messages for p in plans), sluice_s=sluice_s, plain=plain)
+    return Overhead(
+        messages=sum(p.messages for p in plans),
+        sluice_s=sluice_s,
+        sluice_cpu_s=sluice_cpu_s,
+        plain=plain,
+    )
 
 
 def _uploaded(filename: str, size: int) -> DocumentUploaded:

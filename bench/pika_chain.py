@@ -18,6 +18,7 @@ from multiprocessing.synchronize import Event
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from bench.cpu import CpuMeter
 from bench.prepare import Plan
 from contracts.messages import STAGES
 from contracts.settings import Settings
@@ -31,6 +32,8 @@ class PlainRun:
 
     messages: int
     wall_s: float
+    # CPU seconds per process (and the rest of the machine), first publish to last ack.
+    cpu_s: dict[str, float]
 
     @property
     def messages_per_s(self) -> float:
@@ -145,11 +148,15 @@ def plain_chain(url: str, plans: list[Plan], deadline_s: float) -> PlainRun:
         for ready in readies:
             if not ready.wait(60):
                 raise TimeoutError("a plain consumer did not start within 60 s")
+        meter = CpuMeter(
+            {stage: worker.pid for stage, worker in zip(STAGES, workers, strict=True) if worker.pid}
+        ).start()
         started = time.monotonic()
         asyncio.run(_publish_all(url, plans))
         if not done.wait(deadline_s):
             raise TimeoutError(f"the plain chain did not finish within {deadline_s:.0f} s")
         wall_s = time.monotonic() - started
+        cpu_s = meter.stop()
     finally:
         done.set()
         for worker in workers:
@@ -157,4 +164,4 @@ def plain_chain(url: str, plans: list[Plan], deadline_s: float) -> PlainRun:
             if worker.is_alive():
                 worker.kill()
         asyncio.run(_setup(url, delete=True))
-    return PlainRun(messages=sum(p.messages for p in plans), wall_s=wall_s)
+    return PlainRun(messages=sum(p.messages for p in plans), wall_s=wall_s, cpu_s=cpu_s)

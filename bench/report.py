@@ -146,6 +146,13 @@ def rows(r: Results) -> list[Row]:
                 o.ratio >= OVERHEAD_RATIO,
             )
         )
+        out.append(
+            Row(
+                "5",
+                "Overhead: CPU s per process, Sluice / plain chain",
+                f"Sluice: {_cpu(o.sluice_cpu_s)}; plain: {_cpu(o.plain.cpu_s)}",
+            )
+        )
     if r.saturated is not None:
         s = r.saturated
         b = s.burst
