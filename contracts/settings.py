@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     parse_timeout_s: float = Field(120.0, gt=0)
     parse_memory_mb: int = Field(2048, ge=64)
     # A parse worker that still holds more than this after a document is replaced by a fresh one.
-    parse_worker_recycle_mb: int = Field(200, ge=64)
+    parse_worker_recycle_mb: int = Field(160, ge=64)
     max_pdf_pages: int = Field(2000, ge=1)
     max_docx_uncompressed_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_html_bytes: int = Field(20 * 1024 * 1024, ge=1)
