@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     # `onnx`: ONNX Runtime on CPU (`onnx` extra), model exported once and cached; CPU only.
     embed_backend: Literal["torch", "onnx"] = "torch"
     # Texts per forward pass of the model.
-    embed_batch_size: int = Field(32, ge=1)
+    embed_batch_size: int = Field(16, ge=1)
     # Texts one model call takes from every message in hand, sorted by length and cut into
     # forward passes of `embed_batch_size`: a big call wastes less on padding (bench/README.md).
     embed_call_chunks: int = Field(512, ge=1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch, Message
 from contracts.settings import Settings
+from stages import memory
 from stages.backends.vectors import LanceIndex, VectorIndex
 from stages.batching import Coalescer
 from stages.stage import Stage
@@ -39,6 +40,11 @@ def context_for(index: VectorIndex, *, max_batches: int, max_wait_s: float) -> I
 
 async def startup(settings: Settings) -> IndexContext:
     """Open the LanceDB directory."""
+    # Freed memory kept by allocators is most of what this stage would hold: LanceDB writes
+    # from a pool of threads, each with a glibc arena of its own, and Arrow's pool keeps
+    # what it frees.
+    memory.limit_arenas(2)
+    memory.arrow_uses_malloc()
     return context_for(
         LanceIndex(settings.index_dir),
         max_batches=settings.tuning("index").concurrency,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import itertools
 import logging
@@ -28,6 +27,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar, TypeVarTuple
 
 from contracts.errors import Permanent, Transient
+from stages import memory
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +294,6 @@ def _kill_all(workers: set[_Worker]) -> None:
 # ---- In the worker process. ----
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): no malloc_trim, the recycling still applies
-        return None
-
-
-_libc = _glibc()
-
-
 def _serve(
     conn: Connection, memory_bytes: int | None, recycle_mb: int | None, preload: tuple[str, ...]
 ) -> None:
@@ -343,8 +333,7 @@ def _outgrown(recycle_mb: int | None) -> bool:
     Parsers leave the heap fragmented (python-docx/lxml most of all: ~0.1 MB per document
     that glibc keeps), so a long-lived worker would creep upwards by itself.
     """
-    if _libc is not None:
-        _libc.malloc_trim(0)
+    memory.give_back()
     if recycle_mb is None:
         return False
     with open("/proc/self/statm") as statm:

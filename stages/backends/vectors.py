@@ -12,6 +12,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from contracts.messages import EmbeddedBatch
+from stages import memory
 
 
 class SearchHit(BaseModel):
@@ -82,27 +83,31 @@ class LanceIndex:
     """LanceDB tables named `chunks_<collection>`, created on first write."""
 
     def __init__(self, root: Path) -> None:
-        import lancedb
-
         root.mkdir(parents=True, exist_ok=True)
-        # Other processes write the same tables: always read the latest committed version.
-        self.db = lancedb.connect(root, read_consistency_interval=timedelta(0))
-        self._tables: dict[str, Any] = {}
+        self.root = root
+        self._connect()
         self._write_lock = threading.Lock()
         self._writes: dict[str, int] = {}
 
+    def _connect(self) -> None:
+        import lancedb
+
+        # Other processes write the same tables: always read the latest committed version.
+        self.db = lancedb.connect(self.root, read_consistency_interval=timedelta(0))
+        self._tables: dict[str, Any] = {}
+
     def _table(self, collection: str, dimensions: int | None = None) -> Any | None:
         name = f"chunks_{collection}"
-        if name not in self._tables:
-            if name in self.db.list_tables().tables:
-                self._tables[name] = self.db.open_table(name)
+        # Local names: a reconnect from another thread swaps both without breaking this call.
+        db, tables = self.db, self._tables
+        if name not in tables:
+            if name in db.list_tables().tables:
+                tables[name] = db.open_table(name)
             elif dimensions is not None:
-                self._tables[name] = self.db.create_table(
-                    name, schema=_schema(dimensions), exist_ok=True
-                )
+                tables[name] = db.create_table(name, schema=_schema(dimensions), exist_ok=True)
             else:
                 return None
-        return self._tables[name]
+        return tables[name]
 
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
         """Insert or replace the chunks of several batches by chunk id, in one write.
@@ -141,6 +146,10 @@ class LanceIndex:
             self._writes[collection] = self._writes.get(collection, 0) + 1
             if self._writes[collection] % _COMPACT_EVERY == 0:
                 table.optimize()
+                # LanceDB's native state grows with every version a connection has seen
+                # (~0.2 MB a write here); a fresh one after each compaction starts it over.
+                self._connect()
+                memory.give_back()
 
     def count(self, collection: str, document_id: str, job_id: str) -> int:
         """How many chunks of this version (job) of a document are stored."""
