@@ -117,7 +117,13 @@ def main() -> None:
             r.celery = timed(
                 r,
                 "celery",
-                lambda: celery_chain(broker, root / "celery", docs, deadline_s=deadline),
+                lambda: celery_chain(
+                    broker,
+                    root / "celery",
+                    docs,
+                    expected_chunks=len(prepared.texts),
+                    deadline_s=deadline,
+                ),
             )
         if "overhead" in phases:
             r.overhead = timed(
