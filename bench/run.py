@@ -149,7 +149,8 @@ def main() -> None:
                     backlog,
                     clients=args.load_clients,
                     interval_s=args.load_interval_s,
-                    burst=min(args.burst, len(backlog)),
+                    # Half the backlog at most: the paced uploads are the timed ones.
+                    burst=min(args.burst, len(backlog) // 2),
                     window_s=args.window_s,
                 ),
             )

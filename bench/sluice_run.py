@@ -299,7 +299,7 @@ async def _saturate(
         statuses=dict(sorted(statuses.items())),
         answer_ms_p50=percentile(ms, 50),
         answer_ms_p99=percentile(ms, 99),
-        answer_ms_max=max(ms),
+        answer_ms_max=max(ms, default=0.0),
         upload_s=upload_s,
         embed_busy_after_uploads=embed["ready"] + embed["unacked"] > 0,
         window_s=window_s,
