@@ -17,6 +17,7 @@ from pipeline import queue_consumers
 from bench.corpus import Document
 from bench.cpu import CpuMeter
 from bench.procs import child_env, spawn, stop, wait_for
+from bench.throughput import Throughput
 from contracts.messages import STAGES, DocumentUploaded, StageName
 from stages.backends.blobs import LocalBlobStore
 from stages.formats import sniff
@@ -34,23 +35,11 @@ POOLS: dict[StageName, tuple[str, int]] = {
 
 
 @dataclass(frozen=True)
-class CeleryRun:
-    """Throughput of the corpus through the Celery chain."""
+class CeleryRun(Throughput):
+    """Throughput of the corpus through the Celery chain, first submission to last chunk
+    indexed."""
 
-    documents: int
-    chunks: int
-    wall_s: float
     cpu_s: dict[str, float]
-
-    @property
-    def chunks_per_s(self) -> float:
-        """Chunks indexed per second, first submission to last result."""
-        return self.chunks / self.wall_s
-
-    @property
-    def docs_per_s(self) -> float:
-        """Documents indexed per second, first submission to last result."""
-        return self.documents / self.wall_s
 
 
 def worker_command(stage: StageName) -> list[str]:

@@ -14,30 +14,18 @@ from bench.corpus import Document
 from bench.cpu import CpuMeter
 from bench.http_load import percentile, upload_all
 from bench.procs import answers, child_env, free_port, spawn, stop, wait_for
+from bench.throughput import Throughput
 
 
 @dataclass(frozen=True)
-class InRequest:
-    """Throughput and answer times of the in-request baseline."""
+class InRequest(Throughput):
+    """Throughput (over the whole run) and answer times of the in-request baseline."""
 
-    documents: int
-    chunks: int
     failed: int
-    wall_s: float
     answer_ms_p50: float
     answer_ms_p99: float
     stage_s: dict[str, float]
     cpu_s: dict[str, float]
-
-    @property
-    def chunks_per_s(self) -> float:
-        """Chunks indexed per second over the whole run."""
-        return self.chunks / self.wall_s
-
-    @property
-    def docs_per_s(self) -> float:
-        """Documents indexed per second over the whole run."""
-        return self.documents / self.wall_s
 
 
 def in_request(root: Path, docs: list[Document], *, clients: int, deadline_s: float) -> InRequest:

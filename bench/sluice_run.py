@@ -30,6 +30,7 @@ from bench.http_load import (
     wait_until_done,
 )
 from bench.memory import Peak, RssSampler, queue_depth
+from bench.throughput import Throughput
 from contracts import routing
 from contracts.messages import STAGES
 
@@ -46,13 +47,11 @@ DEFAULTS = {
 
 
 @dataclass(frozen=True)
-class EndToEnd:
-    """One corpus through the whole pipeline: how long, how much, what the uploads took."""
+class EndToEnd(Throughput):
+    """One corpus through the whole pipeline, first upload to last index write: how long, how
+    much, what the uploads took."""
 
-    documents: int
-    chunks: int
     failed: int
-    wall_s: float
     upload_ms_p50: float
     upload_ms_p99: float
     chunks_by_document: dict[str, int]
@@ -60,16 +59,6 @@ class EndToEnd:
     busy_s: dict[str, float]
     # CPU seconds per process (and the rest of the machine) from first upload to last job done.
     cpu_s: dict[str, float]
-
-    @property
-    def docs_per_s(self) -> float:
-        """Documents indexed per second, first upload to last index write."""
-        return self.documents / self.wall_s
-
-    @property
-    def chunks_per_s(self) -> float:
-        """Chunks indexed per second, first upload to last index write."""
-        return self.chunks / self.wall_s
 
 
 def launch(broker: BrokerHandle, root: Path, **env: str) -> Pipeline:
