@@ -27,7 +27,7 @@ from bench.prepare import Plan, Prepared
 from bench.sluice_run import DEFAULTS, keep_logs, pids
 from contracts import routing
 from contracts.messages import STAGES, DocumentUploaded
-from stages.broker import Broker
+from stages.infra.broker import Broker
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from contracts.messages import (
     Message,
 )
 from contracts.settings import Settings
-from stages import embed
+from stages.builtin import embed
+from stages.runtime.worker import run_with
 from stages.stage import Stage
-from stages.worker import run_with
 
 RECORDING_ENV = "BENCH_RECORDING"
 

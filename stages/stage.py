@@ -43,6 +43,6 @@ class Stage(Generic[In, Ctx]):
 
 def load_stage(name: StageName) -> Stage[Any, Any]:
     """The `STAGE` declared by module `stages.<name>`."""
-    module = importlib.import_module(f"stages.{name}")
+    module = importlib.import_module(f"stages.builtin.{name}")
     stage: Stage[Any, Any] = module.STAGE
     return stage

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 from pipeline import Pipeline
 
-from stages.backends.vectors import LanceIndex
-from stages.broker import Broker
-from stages.dlq import DeadLetter, list_dead_letters
+from stages.backends.lance_index import LanceIndex
+from stages.infra.broker import Broker
+from stages.infra.dead_letters import DeadLetter, list_dead_letters
 
 
 async def dead_letters(pipeline: Pipeline) -> list[DeadLetter]:

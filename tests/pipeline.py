@@ -83,7 +83,7 @@ def _free_port() -> int:
 def sluice_command() -> list[str]:
     """The `sluice` console script of this environment."""
     script = Path(sys.executable).parent / "sluice"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli.main"]
 
 
 def queue_depth(broker: BrokerHandle, name: str) -> int:

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from contracts.messages import ChunkBatch, EmbeddedBatch
 from contracts.settings import Settings
-from stages import embed
-from stages.logs import configure_logging
+from stages.builtin import embed
+from stages.infra.logs import configure_logging
+from stages.runtime.worker import serve
 from stages.stage import Stage
-from stages.worker import serve
 
 CRASH_MARKER = "this-sentence-kills-its-worker"
 

@@ -15,8 +15,8 @@ from pipeline import sluice_command
 
 from contracts.errors import SluiceError
 from contracts.settings import Settings
-from gateway import errors
-from gateway.services import (
+from gateway.http import errors
+from gateway.http.services import (
     Access,
     ApiKey,
     is_loopback,

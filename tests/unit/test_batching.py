@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from stages.batching import Coalescer
+from stages.kit.batching import Coalescer
 
 
 class Recorder:

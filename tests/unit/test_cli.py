@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.supervisor import default_children, sluice_command
+from gateway.cli.supervisor import default_children, sluice_command
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
@@ -321,7 +321,7 @@ def test_search_and_jobs_print_readably(
 
 def test_python_m_runs_the_same_cli() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "stage", "--help"],
+        [sys.executable, "-m", "gateway.cli.main", "stage", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -385,7 +385,7 @@ def test_supervisor_restarts_dying_children_and_leaves_nothing_behind(tmp_path: 
     )
     driver = textwrap.dedent(f"""
         import sys
-        from gateway.supervisor import Backoff, ChildSpec, run_supervisor
+        from gateway.cli.supervisor import Backoff, ChildSpec, run_supervisor
         children = [
             ChildSpec(name, (sys.executable, {str(tmp_path)!r} + f"/{{name}}.py"))
             for name in ("flaky", "steady", "stubborn")
@@ -440,7 +440,7 @@ def test_a_second_signal_kills_stubborn_children_at_once(tmp_path: Path) -> None
     )
     driver = textwrap.dedent(f"""
         import sys
-        from gateway.supervisor import ChildSpec, run_supervisor
+        from gateway.cli.supervisor import ChildSpec, run_supervisor
         child = ChildSpec("stubborn", (sys.executable, {str(tmp_path / "stubborn.py")!r}))
         sys.exit(run_supervisor([child], stop_timeout_s=60.0))
         """)
@@ -479,7 +479,7 @@ def test_stopping_does_not_depend_on_the_output_reader(tmp_path: Path) -> None:
     )
     driver = textwrap.dedent(f"""
         import sys
-        from gateway.supervisor import ChildSpec, run_supervisor
+        from gateway.cli.supervisor import ChildSpec, run_supervisor
         child = ChildSpec("steady", (sys.executable, {str(tmp_path / "steady.py")!r}))
         sys.exit(run_supervisor([child], stop_timeout_s=10.0))
         """)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from contracts.events import JobError, JobEvent
-from gateway.jobs import NewJob, SqliteJobStore
+from gateway.store.job_store import NewJob, SqliteJobStore
 
 
 @pytest.fixture

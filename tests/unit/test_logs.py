@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from stages.logs import bind, configure_logging, current_context, log_context
+from stages.infra.logs import bind, configure_logging, current_context, log_context
 
 JOB = "3f2c1a9e5b7d4c2a8e6f0b1d3c5a7e9f"
 TRACE = "9a1b0c2d3e4f5a6b7c8d9e0f1a2b3c4d"
@@ -62,9 +62,9 @@ def test_a_json_line_has_the_documented_fields(json_lines: Lines) -> None:
 
 def test_context_fields_ride_on_every_record_from_any_logger(json_lines: Lines) -> None:
     with log_context(job_id=JOB, document_id="doc-1", stage="embed", trace_id=TRACE):
-        logging.getLogger("stages.runtime").info("one")
+        logging.getLogger("stages.runtime.runner").info("one")
         logging.getLogger("some.library").warning("two")
-    logging.getLogger("stages.runtime").info("after")
+    logging.getLogger("stages.runtime.runner").info("after")
     first, second, after = json_lines()
     for line in (first, second):
         assert (line["job_id"], line["document_id"], line["stage"], line["trace_id"]) == (
@@ -182,7 +182,7 @@ def test_an_exception_is_included(json_lines: Lines) -> None:
 def test_text_is_one_readable_line(stream: io.StringIO) -> None:
     configure_logging("sluice-embed", "text", stream=stream)
     with log_context(job_id=JOB, trace_id=TRACE, stage="embed"):
-        logging.getLogger("stages.embed").info("embedded %d chunks", 64)
+        logging.getLogger("stages.builtin.embed").info("embedded %d chunks", 64)
     line = stream.getvalue()
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO  sluice-embed  "
@@ -196,9 +196,9 @@ def test_text_keeps_the_traceback_below_the_line(stream: io.StringIO) -> None:
     try:
         raise ValueError("bad page")
     except ValueError:
-        logging.getLogger("stages.parse").exception("parse failed")
+        logging.getLogger("stages.builtin.parse").exception("parse failed")
     first, *rest = stream.getvalue().splitlines()
-    assert first.endswith("ERROR sluice-parse  parse failed  [stages.parse]"), first
+    assert first.endswith("ERROR sluice-parse  parse failed  [stages.builtin.parse]"), first
     assert rest[0] == "Traceback (most recent call last):"
     assert rest[-1] == "ValueError: bad page"
 

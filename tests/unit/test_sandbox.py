@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from contracts.errors import Permanent, Transient
-from stages.sandbox import Sandbox
+from stages.kit.sandbox import Sandbox
 
 TIMEOUT_S = 2.0
 MEMORY_MB = 512

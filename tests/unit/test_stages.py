@@ -22,10 +22,10 @@ from contracts.messages import (
     Section,
 )
 from contracts.settings import Settings
-from stages import chunk, embed, index, parse
 from stages.backends.blobs import LocalBlobStore
 from stages.backends.embedder import SentenceTransformerEmbedder, packaged_model_dir
-from stages.backends.vectors import LanceIndex
+from stages.backends.lance_index import LanceIndex
+from stages.builtin import chunk, embed, index, parse
 
 ENVELOPE = {"job_id": "j1", "document_id": "d1", "collection": "default", "filename": "f"}
 

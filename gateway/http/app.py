@@ -1,0 +1,121 @@
+"""The gateway: a FastAPI app that owns the job store and answers uploads in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from contracts.settings import Settings
+from gateway.http import errors
+from gateway.http.routes import dead_letters, documents, jobs, ops, page, search
+from gateway.http.services import Services, refuse_open_exposure
+from gateway.store.job_store import SqliteJobStore
+from gateway.store.tracker import Tracker
+from stages.backends.blobs import LocalBlobStore
+from stages.backends.lance_index import LanceIndex
+from stages.infra import tracing
+from stages.infra.broker import Broker
+from stages.infra.logs import configure_logging
+
+log = logging.getLogger(__name__)
+# Room for the multipart envelope and form fields around the file itself.
+_MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+class UploadSizeLimit:
+    """Refuse an oversized upload from its Content-Length, before reading a byte of it."""
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+        self.app = app
+        self.limit = max_upload_bytes + _MULTIPART_OVERHEAD_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 413 early when the declared body is too large."""
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                response = errors.error_response(
+                    413,
+                    "file_too_large",
+                    f"The upload is larger than the {self.limit - _MULTIPART_OVERHEAD_BYTES}"
+                    " byte limit.",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; resources are built when it starts and closed when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker = Broker(settings)
+        services = Services(
+            settings=settings,
+            store=SqliteJobStore(settings.job_db_path, stalled_after_s=settings.stalled_after_s),
+            blobs=LocalBlobStore(settings.blob_dir),
+            index=LanceIndex(settings.index_dir),
+            broker=broker,
+        )
+        app.state.services = services
+        tracker = Tracker(broker, services.store, services.changes)
+
+        async def connect_and_track() -> None:
+            await broker.connect(wait_s=math.inf)
+            await tracker.start()
+            log.info("gateway connected to RabbitMQ and tracking jobs")
+
+        # The gateway serves (and answers 503 to uploads) while the broker is away, so it
+        # starts without one; /readyz says when it is ready.
+        connecting = asyncio.create_task(connect_and_track())
+        log.info("gateway listening on http://%s:%d", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            connecting.cancel()
+            await tracker.stop()
+            await broker.close()
+
+    app = FastAPI(title="Sluice", version="1", lifespan=lifespan)
+    if tracing.enabled():
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        # The upload request's SERVER span is the root of the document's whole trace.
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+    errors.install(app)
+    app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    for module in (documents, jobs, dead_letters, search, ops, page):
+        app.include_router(module.router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway in the foreground until SIGINT/SIGTERM.
+
+    Raises a usage error (exit 2 from the CLI) for malformed API keys, or for a listen address
+    beyond loopback without keys unless `SLUICE_ALLOW_OPEN` says the network is trusted.
+    """
+    import uvicorn
+
+    refuse_open_exposure(settings)
+    configure_logging("sluice-gateway", settings.log_format)
+    tracing.setup_tracing("sluice-gateway")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        # Our handler formats uvicorn's lines too (JSON off a terminal, with trace ids).
+        log_config=None,
+        log_level="info",
+        # Longer than clients keep idle connections (httpx: 5 s), so a client never sends on a
+        # connection the server is just closing (seen as ReadError under load at 5 s each).
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,41 @@
+"""Semantic search over one collection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+
+from gateway.http.errors import ApiError
+from gateway.http.routes.documents import valid_collection
+from gateway.http.services import AccessDep, ServicesDep, require_api_key
+from stages.backends.lance_index import SearchHit
+from stages.builtin.embed import embedding_text
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+class SearchResults(BaseModel):
+    """Search hits, best first."""
+
+    results: list[SearchHit]
+
+
+@router.get("/search")
+async def search(
+    services: ServicesDep,
+    access: AccessDep,
+    q: str = "",
+    collection: str = "default",
+    k: Annotated[int, Query(ge=1, le=100)] = 5,
+) -> SearchResults:
+    """Embed the query with the pipeline's model and return the nearest chunks."""
+    if not q.strip():
+        raise ApiError(400, "empty_query", "Give a query: /v1/search?q=...")
+    access.require(valid_collection(collection))
+    embedder = await services.embedder()
+    (vector,) = await asyncio.to_thread(embedder.embed, [embedding_text(None, q)])
+    hits = await asyncio.to_thread(services.index.search, collection, vector, k)
+    return SearchResults(results=hits)

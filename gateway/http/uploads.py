@@ -1,0 +1,153 @@
+"""Accepting an upload: stage and check the bytes, store them, record the job, publish with
+confirms — and answer 202 only once the broker has confirmed the job's first message."""
+
+from __future__ import annotations
+
+import asyncio
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import PurePath
+
+from fastapi import UploadFile
+
+from contracts.errors import Permanent, Transient
+from contracts.messages import DocumentUploaded
+from gateway.http.errors import ApiError
+from gateway.http.schemas import Job, UploadAnswer
+from gateway.http.services import Services
+from gateway.store.job_store import NewJob
+from stages.backends.blobs import stream_to_staging
+from stages.formats import sniff
+from stages.infra import tracing
+from stages.infra.broker import PublishRejected
+
+_READ_BYTES = 1 << 20
+RETRY_AFTER_S = 5
+
+
+def display_name(raw: str | None) -> str:
+    """A client's filename, for display only: never used as a path."""
+    name = PurePath((raw or "").replace("\\", "/")).name
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    return name[:255] or "upload"
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while piece := await upload.read(_READ_BYTES):
+        yield piece
+
+
+def answer(job: Job, *, duplicate: bool = False) -> UploadAnswer:
+    """The upload answer for a job."""
+    return UploadAnswer(
+        job_id=job.job_id,
+        document_id=job.document_id,
+        collection=job.collection,
+        filename=job.filename,
+        status=job.status,
+        status_url=f"/v1/jobs/{job.job_id}",
+        duplicate=duplicate,
+    )
+
+
+async def accept(
+    services: Services,
+    upload: UploadFile,
+    collection: str,
+    idempotency_key: str | None,
+    document_id: str | None = None,
+) -> tuple[int, UploadAnswer]:
+    """Accept an upload (a new document, or a new version of `document_id`)."""
+    filename = display_name(upload.filename)
+    limit = services.settings.max_upload_bytes
+    staged, sha256, size = await stream_to_staging(_chunks(upload), services.blobs.staging, limit)
+    try:
+        if size > limit:
+            raise ApiError(
+                413, "file_too_large", f"{filename} is larger than the {limit} byte limit."
+            )
+        if size == 0:
+            raise ApiError(400, "empty_file", f"{filename} is empty; nothing to ingest.")
+        try:
+            content_type = await asyncio.to_thread(sniff, staged)
+        except Permanent as exc:
+            status = 415 if exc.code == "unsupported_media_type" else 400
+            raise ApiError(status, exc.code, f"{filename}: {exc}") from exc
+        duplicate = await asyncio.to_thread(
+            _duplicate_of, services, collection, sha256, idempotency_key, document_id
+        )
+        if duplicate is not None:
+            return 200, answer(duplicate, duplicate=True)
+        services.blobs.adopt(staged, sha256)
+    finally:
+        staged.unlink(missing_ok=True)
+
+    job = NewJob(
+        job_id=uuid.uuid4().hex,
+        document_id=document_id or uuid.uuid4().hex,
+        collection=collection,
+        filename=filename,
+        content_type=content_type,
+        size_bytes=size,
+        blob_sha256=sha256,
+        idempotency_key=idempotency_key,
+        # The upload request's trace is the job's: a person goes from a job to its trace.
+        trace_id=tracing.current_trace_id(),
+    )
+    await asyncio.to_thread(services.store.create, job)
+    try:
+        await publish_upload(services, job)
+    except BaseException:
+        await asyncio.to_thread(services.store.forget, job.job_id)
+        raise
+    created = await asyncio.to_thread(services.store.get, job.job_id)
+    assert created is not None
+    return 202, answer(created)
+
+
+def _duplicate_of(
+    services: Services,
+    collection: str,
+    sha256: str,
+    idempotency_key: str | None,
+    document_id: str | None,
+) -> Job | None:
+    if document_id is None:
+        return services.store.find_duplicate(collection, sha256, idempotency_key)
+    current = services.store.current_job(document_id)
+    same = current is not None and current.blob_sha256 == sha256 and current.status != "failed"
+    return current if same else None
+
+
+async def publish_upload(services: Services, job: NewJob | Job) -> None:
+    """Publish a job's `doc.uploaded`, turning broker trouble into 429/503 answers."""
+    if not services.broker.is_connected:
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            "The message broker is unreachable; try again shortly.",
+            RETRY_AFTER_S,
+        )
+    message = DocumentUploaded(
+        job_id=job.job_id,
+        document_id=job.document_id,
+        collection=job.collection,
+        filename=job.filename,
+        blob_sha256=job.blob_sha256,
+        content_type=job.content_type,
+        size_bytes=job.size_bytes,
+    )
+    try:
+        await services.broker.publish(message)
+    except PublishRejected as exc:
+        raise ApiError(
+            429, "pipeline_saturated", "The pipeline is full; try again shortly.", RETRY_AFTER_S
+        ) from exc
+    except Transient as exc:
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            f"The message broker did not confirm the upload: {exc}",
+            RETRY_AFTER_S,
+        ) from exc

@@ -1,0 +1,1 @@
+"""The job store: jobs, documents and the tracker that folds job events into them."""

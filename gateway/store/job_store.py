@@ -1,0 +1,501 @@
+"""The job store: jobs, their per-stage progress, and documents — SQLite, knowing nothing of HTTP.
+
+The tracker feeds it job events. Progress is counted per unit of work (stage, batch index),
+so an event delivered twice never counts twice. Calls block on disk: the gateway makes them
+from a worker thread (`asyncio.to_thread`), never on its event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from contracts.events import JobError, JobEvent
+from contracts.messages import STAGES
+from gateway.http.schemas import (
+    STATUS_OF_STAGE,
+    STATUS_ORDER,
+    TERMINAL,
+    Job,
+    JobStatus,
+    Progress,
+    StageTiming,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    document_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    current_job_id TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    document_id TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    blob_sha256 TEXT NOT NULL,
+    parsed_sha256 TEXT,
+    status TEXT NOT NULL,
+    pages INTEGER,
+    chunks_total INTEGER,
+    error TEXT,
+    idempotency_key TEXT UNIQUE,
+    trace_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_bytes ON jobs (collection, blob_sha256);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC);
+CREATE TABLE IF NOT EXISTS job_stages (
+    job_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, stage)
+);
+CREATE TABLE IF NOT EXISTS job_units (
+    job_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    batch_index INTEGER NOT NULL,
+    batch_count INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    PRIMARY KEY (job_id, stage, batch_index)
+);
+"""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job about to be queued."""
+
+    job_id: str
+    document_id: str
+    collection: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    blob_sha256: str
+    idempotency_key: str | None = None
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class JobBlobs:
+    """The blobs a job wrote."""
+
+    blob_sha256: str
+    parsed_sha256: str | None
+
+
+class JobStore(Protocol):
+    """Jobs and documents; one real implementation per backend."""
+
+    def create(self, job: NewJob) -> None: ...
+    def forget(self, job_id: str) -> None: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def page(
+        self,
+        status: str | None,
+        collection: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        collections: frozenset[str] | None = None,
+        stalled: bool | None = None,
+    ) -> tuple[list[Job], str | None]: ...
+    def collections_of(self, job_ids: Collection[str]) -> dict[str, str]: ...
+    def find_duplicate(
+        self, collection: str, blob_sha256: str, idempotency_key: str | None
+    ) -> Job | None: ...
+    def document_collection(self, document_id: str) -> str | None: ...
+    def current_job(self, document_id: str) -> Job | None: ...
+    def delete_document(self, document_id: str) -> list[JobBlobs]: ...
+    def blob_in_use(self, sha256: str) -> bool: ...
+    def apply(self, event: JobEvent) -> bool: ...
+    def apply_all(self, events: Sequence[JobEvent]) -> set[str]: ...
+    def reopen(self, job_id: str) -> Job | None: ...
+    def ping(self) -> None: ...
+    def count_by_status(self) -> dict[str, int]: ...
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqliteJobStore:
+    """The job store in one SQLite file (WAL), shared by the gateway's routes and its tracker."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        stalled_after_s: float = 600.0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.stalled_after_s = stalled_after_s
+        self._clock = clock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _now(self) -> str:
+        return self._clock().isoformat()
+
+    def _stalled_before(self) -> str:
+        # updated_at is always written by `_now`, so ISO strings compare like the times they name.
+        return (self._clock() - timedelta(seconds=self.stalled_after_s)).isoformat()
+
+    def create(self, job: NewJob) -> None:
+        """Record a queued job and make it its document's current version."""
+        now = self._now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
+                " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (
+                    job.job_id,
+                    job.document_id,
+                    job.collection,
+                    job.filename,
+                    job.content_type,
+                    job.size_bytes,
+                    job.blob_sha256,
+                    job.idempotency_key,
+                    job.trace_id,
+                    now,
+                    now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO documents (document_id, collection, current_job_id, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (document_id)"
+                " DO UPDATE SET current_job_id = excluded.current_job_id",
+                (job.document_id, job.collection, job.job_id, now),
+            )
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job the broker never accepted, and its document if it had no other job."""
+        with self._tx() as db:
+            row = db.execute("SELECT document_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            if row is None:
+                return
+            previous = db.execute(
+                "SELECT job_id FROM jobs WHERE document_id = ? ORDER BY created_at DESC LIMIT 1",
+                (row["document_id"],),
+            ).fetchone()
+            if previous is None:
+                db.execute("DELETE FROM documents WHERE document_id = ?", (row["document_id"],))
+            else:
+                db.execute(
+                    "UPDATE documents SET current_job_id = ? WHERE document_id = ?",
+                    (previous["job_id"], row["document_id"]),
+                )
+
+    def get(self, job_id: str) -> Job | None:
+        """One job with its progress and stage timings."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return self._job(row) if row else None
+
+    def page(
+        self,
+        status: str | None,
+        collection: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        collections: frozenset[str] | None = None,
+        stalled: bool | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Jobs newest first, filtered, a page at a time; the cursor is opaque to clients.
+
+        `collections` limits the listing to those (None: every one); `stalled` keeps only
+        stalled (True) or only not-stalled (False) jobs.
+        """
+        where: list[str] = []
+        args: list[object] = []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if collection:
+            where.append("collection = ?")
+            args.append(collection)
+        if collections is not None:
+            where.append(f"collection IN ({', '.join('?' * len(collections))})")
+            args += sorted(collections)
+        if stalled is not None:
+            condition = "(status NOT IN ('indexed', 'failed') AND updated_at < ?)"
+            where.append(condition if stalled else f"NOT {condition}")
+            args.append(self._stalled_before())
+        if cursor:
+            created_at, job_id = _decode_cursor(cursor)
+            where.append("(created_at, job_id) < (?, ?)")
+            args += [created_at, job_id]
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+            jobs = [self._job(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = _encode_cursor(rows[limit - 1]) if more and limit else None
+        return jobs, next_cursor
+
+    def find_duplicate(
+        self, collection: str, blob_sha256: str, idempotency_key: str | None
+    ) -> Job | None:
+        """The live job for the same key, or for the same bytes in a live document of the
+        collection (a failed one does not count: uploading again is how people retry)."""
+        with self._lock:
+            row = None
+            if idempotency_key:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+            if row is None:
+                row = self._db.execute(
+                    "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
+                    " WHERE j.collection = ? AND j.blob_sha256 = ? AND j.status != 'failed'"
+                    " ORDER BY j.created_at LIMIT 1",
+                    (collection, blob_sha256),
+                ).fetchone()
+            return self._job(row) if row else None
+
+    def collections_of(self, job_ids: Collection[str]) -> dict[str, str]:
+        """The collection of each known job among `job_ids`."""
+        ids = sorted(set(job_ids))
+        found: dict[str, str] = {}
+        with self._lock:
+            # In batches, to stay under SQLite's limit on bound parameters.
+            for start in range(0, len(ids), 500):
+                batch = ids[start : start + 500]
+                rows = self._db.execute(
+                    "SELECT job_id, collection FROM jobs"
+                    f" WHERE job_id IN ({', '.join('?' * len(batch))})",
+                    batch,
+                ).fetchall()
+                found.update({str(r["job_id"]): str(r["collection"]) for r in rows})
+        return found
+
+    def document_collection(self, document_id: str) -> str | None:
+        """The collection of a live document, or None if there is no such document."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT collection FROM documents WHERE document_id = ?", (document_id,)
+            ).fetchone()
+        return str(row["collection"]) if row else None
+
+    def current_job(self, document_id: str) -> Job | None:
+        """The job of a document's current version."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
+                " WHERE d.document_id = ?",
+                (document_id,),
+            ).fetchone()
+            return self._job(row) if row else None
+
+    def delete_document(self, document_id: str) -> list[JobBlobs]:
+        """Forget a document (its jobs stay as history); returns the blobs its jobs wrote."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT blob_sha256, parsed_sha256 FROM jobs WHERE document_id = ?", (document_id,)
+            ).fetchall()
+            db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
+        return [JobBlobs(r["blob_sha256"], r["parsed_sha256"]) for r in rows]
+
+    def blob_in_use(self, sha256: str) -> bool:
+        """Whether a live document's job still needs this blob (blobs are shared by content)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM jobs j JOIN documents d ON d.document_id = j.document_id"
+                " WHERE j.blob_sha256 = ? OR j.parsed_sha256 = ? LIMIT 1",
+                (sha256, sha256),
+            ).fetchone()
+        return row is not None
+
+    def apply(self, event: JobEvent) -> bool:
+        """Fold one event into its job; returns whether anything changed."""
+        return bool(self.apply_all([event]))
+
+    def apply_all(self, events: Sequence[JobEvent]) -> set[str]:
+        """Fold events into their jobs in one transaction (one disk sync for the lot);
+        returns the ids of the jobs that changed."""
+        changed: set[str] = set()
+        with self._tx() as db:
+            for event in events:
+                if self._fold(db, event):
+                    changed.add(event.job_id)
+        return changed
+
+    def _fold(self, db: sqlite3.Connection, event: JobEvent) -> bool:
+        at = event.at.isoformat()
+        row = db.execute("SELECT status FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
+        if row is None:
+            return False
+        status: JobStatus = row["status"]
+        db.execute(
+            "INSERT INTO job_stages (job_id, stage, started_at, attempts) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (job_id, stage) DO UPDATE SET"
+            " started_at = COALESCE(started_at, excluded.started_at),"
+            " attempts = MAX(attempts, excluded.attempts)",
+            (event.job_id, event.stage, at, event.attempt),
+        )
+        if event.kind == "failed":
+            if status not in TERMINAL:
+                status = "failed"
+                db.execute(
+                    "UPDATE jobs SET error = ? WHERE job_id = ?",
+                    (event.error.model_dump_json() if event.error else None, event.job_id),
+                )
+        elif event.kind == "progress":
+            status = self._count_unit(db, event, status)
+        if status not in TERMINAL:
+            status = _later(status, STATUS_OF_STAGE[event.stage])
+        db.execute(
+            "UPDATE jobs SET status = ?, updated_at = ? WHERE job_id = ?",
+            (status, self._now(), event.job_id),
+        )
+        return True
+
+    def _count_unit(self, db: sqlite3.Connection, event: JobEvent, status: JobStatus) -> JobStatus:
+        db.execute(
+            "INSERT OR IGNORE INTO job_units (job_id, stage, batch_index, batch_count, chunks)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (event.job_id, event.stage, event.batch_index, event.batch_count, event.chunks),
+        )
+        db.execute(
+            "UPDATE jobs SET pages = COALESCE(?, pages), chunks_total = COALESCE(?, chunks_total),"
+            " parsed_sha256 = COALESCE(?, parsed_sha256) WHERE job_id = ?",
+            (event.pages, event.chunks_total, event.parsed_sha256, event.job_id),
+        )
+        (done,) = db.execute(
+            "SELECT COUNT(*) FROM job_units WHERE job_id = ? AND stage = ?",
+            (event.job_id, event.stage),
+        ).fetchone()
+        if done >= event.batch_count:
+            db.execute(
+                "UPDATE job_stages SET finished_at = COALESCE(finished_at, ?)"
+                " WHERE job_id = ? AND stage = ?",
+                (event.at.isoformat(), event.job_id, event.stage),
+            )
+            if status not in TERMINAL:
+                # A finished stage hands the job to the next one: it waits there, and saying
+                # "chunking" for a document already chunked would mislead.
+                position = STAGES.index(event.stage)
+                if position == len(STAGES) - 1:
+                    return "indexed"
+                return _later(status, STATUS_OF_STAGE[STAGES[position + 1]])
+        return status
+
+    def reopen(self, job_id: str) -> Job | None:
+        """Put a failed job back in flight at the stage that failed (for a retry)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT status, error FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None or row["status"] != "failed":
+                return None
+            error = JobError.model_validate_json(row["error"]) if row["error"] else None
+            status = STATUS_OF_STAGE[error.stage] if error else "queued"
+            db.execute(
+                "UPDATE jobs SET status = ?, error = NULL, updated_at = ? WHERE job_id = ?",
+                (status, self._now(), job_id),
+            )
+        return self.get(job_id)
+
+    def ping(self) -> None:
+        """Raise if the store cannot be read."""
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            return {str(status): int(n) for status, n in rows.fetchall()}
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        job_id = row["job_id"]
+        stages = {
+            r["stage"]: StageTiming(
+                started_at=r["started_at"], finished_at=r["finished_at"], attempts=r["attempts"]
+            )
+            for r in self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (job_id,))
+        }
+        counts = dict(
+            self._db.execute(
+                "SELECT stage, SUM(chunks) FROM job_units WHERE job_id = ? GROUP BY stage",
+                (job_id,),
+            ).fetchall()
+        )
+        return Job(
+            job_id=job_id,
+            document_id=row["document_id"],
+            collection=row["collection"],
+            filename=row["filename"],
+            content_type=row["content_type"],
+            size_bytes=row["size_bytes"],
+            blob_sha256=row["blob_sha256"],
+            status=row["status"],
+            progress=Progress(
+                pages=row["pages"],
+                chunks_total=row["chunks_total"],
+                chunks_embedded=counts.get("embed") or 0,
+                chunks_indexed=counts.get("index") or 0,
+            ),
+            stages=stages,
+            error=JobError.model_validate_json(row["error"]) if row["error"] else None,
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            trace_id=row["trace_id"],
+            stalled=row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before(),
+        )
+
+
+def _later(a: JobStatus, b: JobStatus) -> JobStatus:
+    """Events arrive out of order across stages; status only moves forward."""
+    return a if STATUS_ORDER.index(a) >= STATUS_ORDER.index(b) else b
+
+
+def _encode_cursor(row: sqlite3.Row) -> str:
+    raw = json.dumps([row["created_at"], row["job_id"]]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return str(created_at), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a cursor this API gave out: {cursor!r}") from exc

@@ -1,0 +1,97 @@
+"""The tracker: folds `job.*` events from every stage into the job store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
+from pydantic import ValidationError
+
+from contracts import routing
+from contracts.events import JobEvent
+from gateway.http.services import JobChanges
+from gateway.store.job_store import JobStore
+from stages.infra.broker import Broker, declare_queue
+from stages.infra.logs import log_context
+
+log = logging.getLogger(__name__)
+
+# Events held unacked at once, and so the most folded into one store transaction.
+PREFETCH = 256
+
+
+class Tracker:
+    """Consumes the tracker queue; the only writer of job progress.
+
+    Events that arrive while the store is writing wait and go into the next transaction
+    together: one disk sync for many events keeps up with a busy pipeline, and the store is
+    written from a worker thread so uploads on the event loop never wait for the disk.
+    """
+
+    def __init__(self, broker: Broker, store: JobStore, changes: JobChanges) -> None:
+        self.broker = broker
+        self.store = store
+        self.changes = changes
+        self._pending: list[AbstractIncomingMessage] = []
+        self._arrived = asyncio.Event()
+        self._folder: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start consuming; the robust channel resumes by itself after a reconnect."""
+        self._folder = asyncio.create_task(self._fold_forever(), name="tracker")
+        channel = await self.broker.consumer_channel(prefetch=PREFETCH)
+        name = routing.tracker_queue(self.broker.settings.namespace)
+        queue = await declare_queue(channel, self.broker.topology, name)
+        await queue.consume(self._on_event)
+
+    async def stop(self) -> None:
+        """Stop folding; unacked events go back to the queue for the next gateway."""
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder
+
+    async def _on_event(self, delivery: AbstractIncomingMessage) -> None:
+        self._pending.append(delivery)
+        self._arrived.set()
+
+    async def _fold_forever(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            deliveries, self._pending = self._pending, []
+            try:
+                await self._fold(deliveries)
+            except Exception:
+                # The events stay unacked and come back after a reconnect; the next ones
+                # must still be folded.
+                log.exception("could not record %d job events", len(deliveries))
+
+    async def _fold(self, deliveries: list[AbstractIncomingMessage]) -> None:
+        events = [event for delivery in deliveries if (event := _parse(delivery)) is not None]
+        changed = await asyncio.to_thread(self.store.apply_all, events)
+        for event in events:
+            if event.kind == "failed" and event.error:
+                with log_context(
+                    job_id=event.job_id, document_id=event.document_id, stage=event.stage
+                ):
+                    log.warning("job failed in %s: %s", event.stage, event.error.message)
+        for job_id in changed:
+            self.changes.notify(job_id)
+        for delivery in deliveries:
+            # Folding twice is harmless (progress counts units), so an ack lost with a closed
+            # channel only means the event is folded again after redelivery.
+            with contextlib.suppress(AMQPError, RuntimeError):
+                await delivery.ack()
+
+
+def _parse(delivery: AbstractIncomingMessage) -> JobEvent | None:
+    try:
+        return JobEvent.model_validate_json(delivery.body)
+    except ValidationError as exc:
+        # A malformed status event cannot be applied and must not block the ones behind it.
+        log.error("dropping an invalid job event %r: %s", delivery.body[:200], exc)
+        return None

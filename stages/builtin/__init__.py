@@ -1,0 +1,1 @@
+"""The built-in stage modules: each a `STAGE` declaration and its pure handler."""

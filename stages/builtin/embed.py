@@ -1,0 +1,66 @@
+"""Embed: chunk batches → normalised vectors (all-MiniLM-L6-v2 in-process, or an endpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
+from contracts.settings import Settings
+from stages.backends.embedder import Embedder, make_embedder
+from stages.infra import metrics
+from stages.kit.batching import Coalescer
+from stages.stage import Stage
+
+
+@dataclass(frozen=True)
+class EmbedContext:
+    """What the embed stage needs: the embedder, built once, and its shared model calls."""
+
+    embedder: Embedder
+    calls: Coalescer[str, list[float]]
+
+
+def context_for(embedder: Embedder, *, max_items: int, max_wait_s: float) -> EmbedContext:
+    """An embed context whose concurrent messages share model calls of up to `max_items`."""
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        metrics.EMBED_BATCH_SIZE.observe(len(texts))
+        return embedder.embed(texts)
+
+    calls = Coalescer(embed, max_items=max_items, max_wait_s=max_wait_s, name="embed")
+    return EmbedContext(embedder, calls)
+
+
+async def startup(settings: Settings) -> EmbedContext:
+    """Build the embedder the settings choose (loading a local model takes a while)."""
+    embedder = await asyncio.to_thread(make_embedder, settings)
+    return context_for(
+        embedder, max_items=settings.embed_call_chunks, max_wait_s=settings.embed_batch_wait_s
+    )
+
+
+def embedding_text(heading: str | None, text: str) -> str:
+    """What the model sees: the heading gives a chunk the context its own words may lack."""
+    return f"{heading}\n{text}" if heading and heading not in text else text
+
+
+async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
+    """Embed every chunk of a batch, in a model call shared with other documents' batches."""
+    texts = [embedding_text(c.heading, c.text) for c in msg.chunks]
+    vectors = await ctx.calls.submit(texts)
+    chunks = [
+        EmbeddedChunk(**c.model_dump(), vector=v) for c, v in zip(msg.chunks, vectors, strict=True)
+    ]
+    return [
+        EmbeddedBatch(
+            **msg.envelope(),
+            batch_index=msg.batch_index,
+            batch_count=msg.batch_count,
+            chunks_total=msg.chunks_total,
+            chunks=chunks,
+        )
+    ]
+
+
+STAGE = Stage(name="embed", startup=startup, handle=handle)

@@ -1,0 +1,85 @@
+"""Index: embedded batches → LanceDB, upserted by chunk id.
+
+When the last chunk of a new version is in, the previous version's chunks are removed, so a
+replaced document is searchable without a gap and never twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.errors import Transient
+from contracts.messages import EmbeddedBatch, Message
+from contracts.settings import Settings
+from stages.backends.lance_index import LanceIndex, VectorIndex
+from stages.infra import memory
+from stages.kit.batching import Coalescer
+from stages.stage import Stage
+
+
+@dataclass(frozen=True)
+class IndexContext:
+    """What the index stage needs: the vector index, and its shared writes."""
+
+    index: VectorIndex
+    writes: Coalescer[EmbeddedBatch, None]
+
+
+def context_for(index: VectorIndex, *, max_batches: int, max_wait_s: float) -> IndexContext:
+    """An index context whose concurrent messages share writes of up to `max_batches`."""
+    return IndexContext(
+        index,
+        Coalescer(
+            lambda batches: write(index, batches),
+            max_items=max_batches,
+            max_wait_s=max_wait_s,
+            name="index",
+        ),
+    )
+
+
+async def startup(settings: Settings) -> IndexContext:
+    """Open the LanceDB directory."""
+    # Freed memory kept by allocators is most of what this stage would hold: LanceDB writes
+    # from a pool of threads, each with a glibc arena of its own, and Arrow's pool keeps
+    # what it frees.
+    memory.limit_arenas(2)
+    memory.arrow_uses_malloc()
+    return context_for(
+        LanceIndex(settings.index_dir),
+        max_batches=settings.tuning("index").concurrency,
+        max_wait_s=settings.embed_batch_wait_s,
+    )
+
+
+def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
+    """Upsert batches (one write per collection); once a version is whole, drop older ones."""
+    for collection in {b.collection for b in batches}:
+        try:
+            index.upsert(collection, [b for b in batches if b.collection == collection])
+        except (OSError, RuntimeError) as exc:
+            # LanceDB's own message names Rust source files; say what a person can check.
+            cause = str(exc).split(":", 2)[-1].split(", /")[0].strip()[:300]
+            raise Transient(
+                f"Could not write to the index of collection {collection!r} ({cause}). "
+                "Check that the index directory under SLUICE_DATA_DIR is writable and not "
+                "damaged, then retry the job.",
+                code="index_unavailable",
+            ) from exc
+    complete = {
+        (b.collection, b.document_id, b.job_id)
+        for b in batches
+        if index.count(b.collection, b.document_id, b.job_id) >= b.chunks_total
+    }
+    for collection, document_id, job_id in complete:
+        index.remove_other_versions(collection, document_id, job_id)
+    return [None] * len(batches)
+
+
+async def handle(msg: EmbeddedBatch, ctx: IndexContext) -> list[Message]:
+    """Write a batch to the index, sharing the write with other messages in hand."""
+    await ctx.writes.submit([msg])
+    return []
+
+
+STAGE = Stage(name="index", startup=startup, handle=handle)

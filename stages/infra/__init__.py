@@ -1,0 +1,1 @@
+"""Shared infrastructure of every Sluice process: broker, logs, tracing, metrics, memory."""

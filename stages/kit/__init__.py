@@ -1,0 +1,1 @@
+"""Tools stage modules build with: shared calls across messages, sandboxed worker processes."""

@@ -1,0 +1,107 @@
+"""Coalescing: items submitted by concurrently handled messages go into one call.
+
+On a CPU the model call dominates, and one call over many chunks is cheaper than many small
+calls; on a GPU a full batch is the difference between idle and busy. A stage's handlers each
+`await coalescer.submit(items)`; the coalescer waits for company up to `max_wait_s` (so a lone
+small document is not held long), or until `max_items` are in, then makes one call in a
+thread and hands every caller its own slice of the results. Each message is still acked by
+the runtime only after its own outputs are confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from opentelemetry import trace
+from opentelemetry.trace import Link
+
+from stages.infra import tracing
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Request(Generic[T, R]):
+    items: Sequence[T]
+    done: asyncio.Future[list[R]]
+    link: Link | None = field(default=None)
+
+
+class Coalescer(Generic[T, R]):
+    """Gathers concurrent submissions into calls of up to `max_items` (a bigger one goes alone)."""
+
+    def __init__(
+        self, call: Callable[[list[T]], list[R]], *, max_items: int, max_wait_s: float, name: str
+    ) -> None:
+        self._call = call
+        self.max_items = max_items
+        self.max_wait_s = max_wait_s
+        self.name = name
+        self._pending: list[_Request[T, R]] = []
+        self._full = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        """The results for `items`, computed in a call shared with other submissions."""
+        context = trace.get_current_span().get_span_context()
+        request: _Request[T, R] = _Request(
+            items,
+            asyncio.get_running_loop().create_future(),
+            Link(context) if context.is_valid else None,
+        )
+        self._pending.append(request)
+        if sum(len(r.items) for r in self._pending) >= self.max_items:
+            self._full.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+        return await request.done
+
+    async def _flush_soon(self) -> None:
+        while self._pending:
+            # Wait for company, unless a full batch gathered already (during the last call).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.max_wait_s)
+            self._full.clear()
+            batch: list[_Request[T, R]] = []
+            size = 0
+            while self._pending and (
+                not batch or size + len(self._pending[0].items) <= self.max_items
+            ):
+                request = self._pending.pop(0)
+                batch.append(request)
+                size += len(request.items)
+            if sum(len(r.items) for r in self._pending) >= self.max_items:
+                self._full.set()
+            # One call at a time (this loop): the model already uses every core it has.
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Request[T, R]]) -> None:
+        links = [r.link for r in batch if r.link is not None]
+        items = [item for request in batch for item in request.items]
+        with tracing.tracer.start_as_current_span(
+            f"{self.name} batch",
+            links=links,
+            attributes={"sluice.batch_size": len(items), "sluice.messages": len(batch)},
+        ) as span:
+            try:
+                results = await asyncio.to_thread(self._call, items)
+            except Exception as exc:
+                tracing.record_failure(span, exc)
+                if len(batch) == 1:
+                    batch[0].done.set_exception(exc)
+                    return
+                # Whose items failed? Run each alone so the error lands on its own message.
+                for request in batch:
+                    await self._run([request])
+                return
+        start = 0
+        for request in batch:
+            end = start + len(request.items)
+            if not request.done.done():
+                request.done.set_result(results[start:end])
+            start = end

@@ -1,0 +1,1 @@
+"""The stage runtime: the only consumer code that talks to the broker."""
