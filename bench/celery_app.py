@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from celery import Celery  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
-from contracts.messages import STAGES, StageName
+from contracts.messages import StageName
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from contracts.settings import Settings
 from stages.stage import load_stage
 
@@ -56,7 +57,7 @@ async def _awaited(work: Awaitable[T]) -> T:
 def run_stage(name: StageName, messages: list[str]) -> tuple[list[str], int]:
     """Call a stage's handler on each JSON message, in order: its outputs as JSON, and how many
     chunks the inputs held."""
-    stage = load_stage(name)
+    stage = load_stage(name, Settings())
     runner = _runner()
     with _contexts_lock:
         if name not in _contexts:

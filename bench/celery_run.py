@@ -18,7 +18,8 @@ from bench.corpus import Document
 from bench.cpu import CpuMeter
 from bench.procs import child_env, spawn, stop, wait_for
 from bench.throughput import Throughput
-from contracts.messages import STAGES, DocumentUploaded, StageName
+from contracts.messages import DocumentUploaded, StageName
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from stages.backends.blobs import LocalBlobStore
 from stages.formats import sniff
 
@@ -102,13 +103,15 @@ def _submit(
     for doc in docs:
         # What a Celery upload route does: keep the bytes, then enqueue the document's chain.
         sha256 = blobs.put_bytes(doc.data)
+        with blobs.as_file(sha256) as path:
+            content_type = sniff(path)
         uploaded = DocumentUploaded(
             job_id=uuid.uuid4().hex,
             document_id=uuid.uuid4().hex,
             collection="corpus",
             filename=doc.name,
             blob_sha256=sha256,
-            content_type=sniff(blobs.path(sha256)),
+            content_type=content_type,
             size_bytes=len(doc.data),
         )
         flow = chain(

@@ -22,8 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.answer_time import paragraph
-from stages.backends.embedder import Embedder, SentenceTransformerEmbedder, packaged_model_dir
+from stages.backends.embedder import SentenceTransformerEmbedder, packaged_model_dir
 from stages.backends.onnx_embedder import OnnxEmbedder, export_onnx, load_tokenizer, open_session
+from stages.backends.protocols import Embedder
 
 # Chunks as the chunk stage cuts them: at most 256 model tokens, most of them near the top.
 MIN_TOKENS, MAX_TOKENS = 150, 256

@@ -26,7 +26,8 @@ from bench.pika_chain import PlainRun, plain_chain
 from bench.prepare import Plan, Prepared
 from bench.sluice_run import DEFAULTS, keep_logs, pids
 from contracts import routing
-from contracts.messages import STAGES, DocumentUploaded
+from contracts.messages import DocumentUploaded
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from stages.infra.broker import Broker
 
 
@@ -126,7 +127,7 @@ async def _through_sluice(
 
         await watch.consume(count, no_ack=True)
         started = time.monotonic()
-        await asyncio.gather(*(broker.publish(m) for m in uploads))
+        await asyncio.gather(*(broker.publish(m, routing.DOC_UPLOADED) for m in uploads))
         await asyncio.wait_for(done.wait(), deadline_s)
         return time.monotonic() - started
     finally:

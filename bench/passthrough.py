@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.prepare import CONSTANT_VECTOR, DIMENSIONS, Recording
+from contracts import pipeline
 from contracts.messages import (
-    STAGES,
     DocumentParsed,
     DocumentUploaded,
     EmbeddedBatch,
     Message,
 )
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from contracts.settings import Settings
 from stages.builtin import embed
 from stages.runtime.worker import run_with
@@ -74,10 +75,10 @@ async def _index(msg: EmbeddedBatch, ctx: None) -> list[Message]:
 
 
 STAGES_WITHOUT_WORK: dict[str, Stage[Any, Any]] = {
-    "parse": Stage(name="parse", startup=_start_parse, handle=_parse),
-    "chunk": Stage(name="chunk", startup=_start_parse, handle=_chunk),
-    "embed": Stage(name="embed", startup=_start_embed, handle=embed.handle),
-    "index": Stage(name="index", startup=_start_index, handle=_index),
+    "parse": Stage(spec=pipeline.PARSE, startup=_start_parse, handle=_parse),
+    "chunk": Stage(spec=pipeline.CHUNK, startup=_start_parse, handle=_chunk),
+    "embed": Stage(spec=pipeline.EMBED, startup=_start_embed, handle=embed.handle),
+    "index": Stage(spec=pipeline.INDEX, startup=_start_index, handle=_index),
 }
 
 

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bench.cpu import CpuMeter
 from bench.prepare import Plan
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from contracts.settings import Settings
 
 QUEUES = [f"bench.plain.{stage}" for stage in STAGES]
@@ -67,7 +67,7 @@ async def _declare(channel: AbstractChannel) -> None:
 
 
 async def _consume(step: int, url: str, plans: list[Plan], ready: Event, done: Event) -> None:
-    tuning = Settings().tuning(STAGES[step])
+    tuning = Settings().stage(STAGES[step])
     expected = sum(len(p.embedded_batches) for p in plans)
     seen = 0
     slots = asyncio.Semaphore(tuning.concurrency)

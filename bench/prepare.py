@@ -10,7 +10,7 @@ from typing import Any
 from bench.corpus import Document
 from bench.inproc import InProcess, bench_settings
 from contracts.messages import ChunkBatch, DocumentParsed, EmbeddedBatch, EmbeddedChunk
-from stages.builtin.embed import embedding_text
+from stages.backends.protocols import embedding_text
 
 # The zero-cost embedder answers this unit vector for every text (see bench/passthrough.py).
 DIMENSIONS = 384

@@ -32,7 +32,7 @@ from bench.http_load import (
 from bench.memory import Peak, RssSampler, queue_depth
 from bench.throughput import Throughput
 from contracts import routing
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 
 # The runtime logs one line per message finished: "<stage>: <file> batch i/n done in 0.12s".
 _DONE = re.compile(r"done in ([0-9.]+)s")

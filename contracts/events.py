@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from contracts import routing
 from contracts.messages import (
@@ -17,6 +17,9 @@ from contracts.messages import (
     StageName,
 )
 
+# A stage name as events carry it (any stage of the pipeline, built-in or plugged in).
+StageField = Annotated[StageName, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,30}$")]
+
 EventKind = Literal["started", "progress", "failed"]
 
 
@@ -25,7 +28,7 @@ class JobError(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stage: StageName
+    stage: StageField
     code: str
     message: str
     retryable: bool
@@ -43,7 +46,7 @@ class JobEvent(BaseModel):
     version: Literal[1] = SCHEMA_VERSION
     job_id: str
     document_id: str
-    stage: StageName
+    stage: StageField
     kind: EventKind
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     attempt: int = Field(1, ge=1)
@@ -53,6 +56,7 @@ class JobEvent(BaseModel):
     pages: int | None = None
     chunks_total: int | None = None
     parsed_sha256: str | None = None
+    language: str | None = None
     error: JobError | None = None
 
     @property
@@ -81,6 +85,7 @@ def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt
     index, count, chunks = msg.unit()
     parsed = next((o for o in outputs if isinstance(o, DocumentParsed)), None)
     total = next((o.chunks_total for o in outputs if isinstance(o, ChunkBatch)), None)
+    language = next((o.language for o in outputs if isinstance(o, ChunkBatch) and o.language), None)
     return JobEvent(
         job_id=msg.job_id,
         document_id=msg.document_id,
@@ -93,6 +98,7 @@ def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt
         pages=parsed.pages if parsed else None,
         chunks_total=total,
         parsed_sha256=parsed.parsed_sha256 if parsed else None,
+        language=language,
     )
 
 

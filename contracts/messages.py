@@ -7,16 +7,14 @@ messages carry their sha256 (claim-check). Chunk batches and their vectors ride 
 from __future__ import annotations
 
 import hashlib
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts import routing
-
 SCHEMA_VERSION: Literal[1] = 1
-StageName = Literal["parse", "chunk", "embed", "index"]
+# A stage's name: the built-in ones or a plug-in's (contracts/pipeline.py declares them).
+StageName = str
 COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-STAGES: tuple[StageName, ...] = ("parse", "chunk", "embed", "index")
 Sha256 = str
 
 
@@ -24,7 +22,6 @@ class Message(BaseModel):
     """What every data-plane message carries: who it belongs to and its schema version."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    routing_key: ClassVar[str]
 
     version: Literal[1] = SCHEMA_VERSION
     job_id: str
@@ -49,7 +46,6 @@ class Message(BaseModel):
 class DocumentUploaded(Message):
     """An upload accepted by the gateway; its bytes are in the blob store."""
 
-    routing_key: ClassVar[str] = routing.DOC_UPLOADED
     blob_sha256: Sha256
     content_type: str
     size_bytes: int = Field(ge=1)
@@ -58,7 +54,6 @@ class DocumentUploaded(Message):
 class DocumentParsed(Message):
     """A document turned into text sections (a `ParsedDocument` in the blob store)."""
 
-    routing_key: ClassVar[str] = routing.DOC_PARSED
     blob_sha256: Sha256
     parsed_sha256: Sha256
     pages: int | None = None
@@ -74,6 +69,8 @@ class Chunk(BaseModel):
     text: str
     page: int | None = None
     heading: str | None = None
+    # Set by the optional enrich stage: the chunk's key phrases, best first.
+    keywords: list[str] | None = None
 
 
 class EmbeddedChunk(Chunk):
@@ -83,9 +80,19 @@ class EmbeddedChunk(Chunk):
 
 
 class _Batch(Message):
+    """One of `batch_count` batches of a document's chunks.
+
+    Stages between chunk and index hand on one batch per batch with the same index and
+    count, so the index knows a document is whole when every batch index has reached it,
+    whatever a stage did to the chunks inside (a batch may even end up empty).
+    `chunks_total` is what the chunk stage made, for progress; it is not a completion count.
+    """
+
     batch_index: int = Field(ge=0)
     batch_count: int = Field(ge=1)
     chunks_total: int = Field(ge=1)
+    # The document's language (ISO 639-1), once the optional enrich stage detected it.
+    language: str | None = Field(None, pattern=r"^[a-z]{2,3}$")
 
     def unit(self) -> tuple[int, int, int]:
         """(batch index, batch count, chunks) of this message within its document's work."""
@@ -95,15 +102,13 @@ class _Batch(Message):
 class ChunkBatch(_Batch):
     """Up to `chunks_per_message` chunks of one document, so many workers share a big one."""
 
-    routing_key: ClassVar[str] = routing.DOC_CHUNKED
-    chunks: list[Chunk] = Field(min_length=1)
+    chunks: list[Chunk]
 
 
 class EmbeddedBatch(_Batch):
     """A chunk batch with a vector per chunk."""
 
-    routing_key: ClassVar[str] = routing.DOC_EMBEDDED
-    chunks: list[EmbeddedChunk] = Field(min_length=1)
+    chunks: list[EmbeddedChunk]
 
 
 class Section(BaseModel):
@@ -131,11 +136,3 @@ def chunk_id(document_id: str, blob_sha256: Sha256, chunk_index: int) -> str:
     """A chunk's id: the same document bytes always give the same ids, so redelivery upserts."""
     digest = hashlib.sha256(f"{document_id}\x00{blob_sha256}\x00{chunk_index}".encode())
     return digest.hexdigest()[:32]
-
-
-INPUT_OF: dict[StageName, type[Message]] = {
-    "parse": DocumentUploaded,
-    "chunk": DocumentParsed,
-    "embed": ChunkBatch,
-    "index": EmbeddedBatch,
-}

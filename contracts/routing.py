@@ -7,6 +7,14 @@ DOC_UPLOADED = "doc.uploaded"
 DOC_PARSED = "doc.parsed"
 DOC_CHUNKED = "doc.chunked"
 DOC_EMBEDDED = "doc.embedded"
+# The optional enrich stage sits between chunk and embed.
+DOC_TO_ENRICH = "doc.enrich"
+
+
+def stage_input_key(stage: str) -> str:
+    """The routing key that feeds a plug-in stage's queue (built-in ones keep their own)."""
+    return f"doc.{stage}"
+
 
 # Control plane: small status events, `job.<stage>.<kind>`, read by the gateway's tracker.
 JOB_EVENTS = "job.#"

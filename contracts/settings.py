@@ -2,27 +2,112 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from contracts.errors import SluiceError
 from contracts.messages import StageName
+from contracts.pipeline import DEFAULT_STAGES, Pipeline
+
+# `SLUICE_<STAGE>_<KEY>`: the settings every stage has, built-in or plugged in.
+_STAGE_KEYS = (
+    "PREFETCH",
+    "CONCURRENCY",
+    "METRICS_PORT",
+    "RETRY_DELAYS_S",
+    "MAX_ATTEMPTS",
+    "DELIVERY_LIMIT",
+    "TRANSIENT_RETRIES",
+)
+_STAGE_ENV = re.compile(
+    rf"^SLUICE_(?P<stage>[A-Z][A-Z0-9_]*?)_(?P<key>{'|'.join(_STAGE_KEYS)})$", re.IGNORECASE
+)
+# The model adds [CLS] and [SEP] to every input; chunk sizes count them, the splitter not.
+SPECIAL_TOKENS = 2
 
 
-class StageTuning(BaseModel):
-    """How much one stage process holds (prefetch) and works on at once (concurrency)."""
+class StageOverrides(BaseModel):
+    """What `SLUICE_<STAGE>_*` variables set for one stage; unset means the stage's default."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefetch: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    retry_delays_s: tuple[int, ...] | None = None
+    max_attempts: int | None = Field(None, ge=1)
+    delivery_limit: int | None = Field(None, ge=1)
+    transient_retries: int | None = Field(None, ge=0)
+
+    @field_validator("retry_delays_s", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        # Environment values arrive as text: `[1,10,60]` like SLUICE_RETRY_DELAYS_S.
+        return json.loads(value) if isinstance(value, str) else value
+
+
+class StageSettings(BaseModel):
+    """One stage's settings, resolved: its overrides, else the stage's or Sluice's defaults."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: StageName
+    # How much one process holds (prefetch) and works on at once (concurrency).
     prefetch: int
     concurrency: int
+    metrics_port: int
+    retry_delays_s: tuple[int, ...]
+    max_attempts: int
+    delivery_limit: int
+    transient_retries: int
+
+    def retry_delay_s(self, attempt: int) -> int:
+        """The retry tier a message that failed its `attempt`-th try waits in."""
+        return self.retry_delays_s[min(attempt - 1, len(self.retry_delays_s) - 1)]
+
+
+class _StageEnvSource(PydanticBaseSettingsSource):
+    """Collects `SLUICE_<STAGE>_<KEY>` variables into `stage_overrides`, for any stage name."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Not used: this source fills one field from many variables in `__call__`."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, dict[str, str]] = {}
+        for variable, value in os.environ.items():
+            if match := _STAGE_ENV.match(variable):
+                found.setdefault(match["stage"].lower(), {})[match["key"].lower()] = value
+        return {"stage_overrides": found} if found else {}
+
+
+def _usage(message: str) -> SluiceError:
+    return SluiceError(message, code="usage_error")
 
 
 class Settings(BaseSettings):
     """Sluice's configuration; every field maps to `SLUICE_<FIELD>` (e.g. `SLUICE_AMQP_URL`)."""
 
     model_config = SettingsConfigDict(env_prefix="SLUICE_")
+
+    # The pipeline in order (contracts/pipeline.py); `enrich` is the optional built-in one.
+    stages: str = DEFAULT_STAGES
+    # `name=package.module,...`: stage modules from outside Sluice, usable in `stages`.
+    stage_modules: str = ""
+    # Per-stage settings from `SLUICE_<STAGE>_PREFETCH`, `..._CONCURRENCY`, ... (see `stage`).
+    stage_overrides: dict[StageName, StageOverrides] = Field(default_factory=dict)
 
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
@@ -50,20 +135,12 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(32, ge=0)
     chunks_per_message: int = Field(64, ge=1, le=256)
 
-    # Per-stage throttles (`SLUICE_EMBED_PREFETCH`, ...); the README gives the reason for each.
-    parse_prefetch: int = Field(2, ge=1)
-    parse_concurrency: int = Field(1, ge=1)
-    chunk_prefetch: int = Field(4, ge=1)
-    chunk_concurrency: int = Field(2, ge=1)
-    embed_prefetch: int = Field(32, ge=1)
-    embed_concurrency: int = Field(32, ge=1)
-    index_prefetch: int = Field(16, ge=1)
-    index_concurrency: int = Field(16, ge=1)
     # Stages are batch work: they run this much nicer than the gateway and RabbitMQ, so an
     # upload is answered at once even when a model batch has every core (0: same priority).
     stage_nice: int = Field(10, ge=0, le=19)
 
     # Delivery safety: how often a message may crash its worker, and when stage queues push back.
+    # These are every stage's defaults; `SLUICE_<STAGE>_DELIVERY_LIMIT` (etc.) sets one stage's.
     delivery_limit: int = Field(5, ge=1)
     queue_max_length: int = Field(100_000, ge=1)
     retry_delays_s: tuple[int, ...] = (1, 10, 60)
@@ -92,33 +169,117 @@ class Settings(BaseSettings):
     # Without API keys the gateway only listens on loopback, unless this says otherwise.
     allow_open: bool = False
 
-    # Observability: where each stage process serves /metrics (the gateway serves its own on
-    # its HTTP port; 0 picks a free port, logged at start), and how logs are written.
-    parse_metrics_port: int = Field(9101, ge=0, le=65535)
-    chunk_metrics_port: int = Field(9102, ge=0, le=65535)
-    embed_metrics_port: int = Field(9103, ge=0, le=65535)
-    index_metrics_port: int = Field(9104, ge=0, le=65535)
+    # Observability: how logs are written (each stage's /metrics port is a stage setting,
+    # `SLUICE_<STAGE>_METRICS_PORT`; the gateway serves its own on its HTTP port).
     log_format: Literal["auto", "json", "text"] = "auto"
     # Links the web page offers, when these UIs are reachable for its users.
     jaeger_ui_url: str | None = None
     rabbitmq_ui_url: str | None = None
 
-    def metrics_port(self, stage: StageName) -> int:
-        """The port a stage process serves Prometheus metrics on."""
-        port: int = getattr(self, f"{stage}_metrics_port")
-        return port
-
-    def tuning(self, stage: StageName) -> StageTuning:
-        """Prefetch and concurrency for one stage."""
-        return StageTuning(
-            prefetch=getattr(self, f"{stage}_prefetch"),
-            concurrency=getattr(self, f"{stage}_concurrency"),
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, plus the per-stage variables of any stage name."""
+        return (
+            init_settings,
+            env_settings,
+            _StageEnvSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
         )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Cross-field checks, each naming the variable to change."""
+        if not self.retry_delays_s or min(self.retry_delays_s) < 1:
+            raise ValueError(
+                f"SLUICE_RETRY_DELAYS_S={list(self.retry_delays_s)} must list at least one "
+                "delay of 1 second or more, e.g. [1,10,60]"
+            )
+        capacity = self.chunk_max_tokens - SPECIAL_TOKENS
+        if self.chunk_overlap_tokens > capacity // 2:
+            raise ValueError(
+                f"SLUICE_CHUNK_OVERLAP_TOKENS={self.chunk_overlap_tokens} is too large for "
+                f"SLUICE_CHUNK_MAX_TOKENS={self.chunk_max_tokens}: at most {capacity // 2} "
+                "(half a chunk, less the model's 2 special tokens)"
+            )
+        for name, overrides in self.stage_overrides.items():
+            if overrides.retry_delays_s is not None and (
+                not overrides.retry_delays_s or min(overrides.retry_delays_s) < 1
+            ):
+                raise ValueError(
+                    f"SLUICE_{name.upper()}_RETRY_DELAYS_S must list at least one delay of "
+                    "1 second or more"
+                )
+        return self
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        """The stages `stages` and `stage_modules` describe (raises a usage error if wrong)."""
+        from contracts.pipeline import resolve
+
+        return resolve(self)
+
+    def stage(self, name: StageName) -> StageSettings:
+        """One stage's settings: `SLUICE_<STAGE>_*`, else the stage's, else Sluice's defaults."""
+        spec = self.pipeline.spec(name)
+        given = self.stage_overrides.get(name, StageOverrides())
+        explicit = self.model_fields_set
+
+        def policy(field: str, declared: Any) -> Any:
+            # An operator's deployment-wide value beats a stage's own default.
+            value = getattr(given, field)
+            if value is not None:
+                return value
+            if declared is not None and field not in explicit:
+                return declared
+            return getattr(self, field)
+
+        # One of the pair set alone moves the other's default with it; both set must agree.
+        prefetch = given.prefetch or max(spec.prefetch, given.concurrency or 0)
+        concurrency = given.concurrency or min(spec.concurrency, prefetch)
+        return StageSettings(
+            name=name,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            metrics_port=spec.metrics_port if given.metrics_port is None else given.metrics_port,
+            retry_delays_s=policy("retry_delays_s", spec.retry_delays_s),
+            max_attempts=policy("max_attempts", spec.max_attempts),
+            delivery_limit=policy("delivery_limit", None),
+            transient_retries=policy("transient_retries", None),
+        )
+
+    def check(self) -> Pipeline:
+        """Everything that can be wrong before a process starts, raised as one usage error."""
+        pipeline = self.pipeline
+        for name in pipeline.names:
+            tuned = self.stage(name)
+            if tuned.prefetch < tuned.concurrency:
+                raise _usage(
+                    f"SLUICE_{name.upper()}_PREFETCH={tuned.prefetch} is below "
+                    f"SLUICE_{name.upper()}_CONCURRENCY={tuned.concurrency}: the stage would "
+                    "hold fewer messages than it has workers for, and the rest would starve; "
+                    "raise the prefetch or lower the concurrency"
+                )
+        return pipeline
 
     @cached_property
     def blob_dir(self) -> Path:
         """Where raw uploads and parsed text live, by sha256."""
         return self.data_dir / "blobs"
+
+    @cached_property
+    def upload_staging_dir(self) -> Path:
+        """Where the gateway spools uploads while it hashes and checks them (a local cache)."""
+        path = self.data_dir / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @cached_property
     def index_dir(self) -> Path:

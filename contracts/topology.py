@@ -8,11 +8,11 @@ publishers instead of growing without bound.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from contracts import routing
-from contracts.messages import INPUT_OF, STAGES, StageName
+from contracts.messages import StageName
 from contracts.settings import Settings
 
 # Headers the runtime sets on messages; the attempt counter is ours because 4.x no longer
@@ -33,11 +33,34 @@ class ExchangeSpec:
 
 
 @dataclass(frozen=True)
+class QueueArguments:
+    """A queue's `x-` arguments as typed fields: a misspelt one is a type error, not a
+    silently ignored declaration. `None` leaves an argument out."""
+
+    queue_type: Literal["quorum", "classic"] | None = None
+    delivery_limit: int | None = None
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    max_length: int | None = None
+    overflow: Literal["reject-publish", "drop-head"] | None = None
+    message_ttl_ms: int | None = None
+
+    def as_amqp(self) -> dict[str, str | int]:
+        """The arguments as RabbitMQ reads them (`x-delivery-limit`, ...)."""
+        names = {"message_ttl_ms": "x-message-ttl"}
+        return {
+            names.get(f.name, "x-" + f.name.replace("_", "-")): value
+            for f in fields(self)
+            if (value := getattr(self, f.name)) is not None
+        }
+
+
+@dataclass(frozen=True)
 class QueueSpec:
     """A durable queue, its arguments, and the routing keys that bind it to an exchange."""
 
     name: str
-    arguments: dict[str, str | int] = field(default_factory=dict)
+    arguments: QueueArguments = QueueArguments()
     exchange: str | None = None
     binding_keys: tuple[str, ...] = ()
 
@@ -49,45 +72,50 @@ class Topology:
     exchanges: tuple[ExchangeSpec, ...]
     queues: tuple[QueueSpec, ...]
 
+    def queue(self, name: str) -> QueueSpec:
+        """One queue's declaration."""
+        return next(q for q in self.queues if q.name == name)
 
-def binding_key(stage: StageName) -> str:
+
+def binding_key(settings: Settings, stage: StageName) -> str:
     """The routing key a stage consumes."""
-    return INPUT_OF[stage].routing_key
+    return settings.pipeline.spec(stage).input_key
 
 
 def topology(settings: Settings) -> Topology:
-    """The whole topology for one namespace, built from the stage declarations and settings."""
+    """The whole topology for one namespace, built from the pipeline and its settings."""
     ns = settings.namespace
     main = routing.exchange(ns)
     dlx = routing.dead_letter_exchange(ns)
     queues: list[QueueSpec] = []
-    for stage in STAGES:
-        stage_queue = routing.stage_queue(ns, stage)
+    for spec in settings.pipeline.stages:
+        tuned = settings.stage(spec.name)
+        stage_queue = routing.stage_queue(ns, spec.name)
         queues.append(
             QueueSpec(
                 name=stage_queue,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-delivery-limit": settings.delivery_limit,
-                    "x-dead-letter-exchange": dlx,
-                    "x-max-length": settings.queue_max_length,
-                    "x-overflow": "reject-publish",
-                },
+                arguments=QueueArguments(
+                    queue_type="quorum",
+                    delivery_limit=tuned.delivery_limit,
+                    dead_letter_exchange=dlx,
+                    max_length=settings.queue_max_length,
+                    overflow="reject-publish",
+                ),
                 exchange=main,
-                binding_keys=(binding_key(stage),),
+                binding_keys=(spec.input_key,),
             )
         )
-        for delay_s in settings.retry_delays_s:
+        for delay_s in tuned.retry_delays_s:
             # A retry tier holds a message for its TTL, then dead-letters it straight back to
             # the stage queue through the default exchange: no consumer ever sleeps.
             queues.append(
                 QueueSpec(
-                    name=routing.retry_queue(ns, stage, delay_s),
-                    arguments={
-                        "x-message-ttl": delay_s * 1000,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": stage_queue,
-                    },
+                    name=routing.retry_queue(ns, spec.name, delay_s),
+                    arguments=QueueArguments(
+                        message_ttl_ms=delay_s * 1000,
+                        dead_letter_exchange="",
+                        dead_letter_routing_key=stage_queue,
+                    ),
                 )
             )
     queues.append(
@@ -95,7 +123,7 @@ def topology(settings: Settings) -> Topology:
             # Classic, not quorum: finding one job's dead letters hands the others back, and a
             # quorum queue would count each hand-back as a delivery (4.x drops at 20 by default).
             name=routing.dead_letter_queue(ns),
-            arguments={"x-queue-type": "classic"},
+            arguments=QueueArguments(queue_type="classic"),
             exchange=dlx,
             binding_keys=("#",),
         )
@@ -103,7 +131,7 @@ def topology(settings: Settings) -> Topology:
     queues.append(
         QueueSpec(
             name=routing.tracker_queue(ns),
-            arguments={"x-queue-type": "quorum"},
+            arguments=QueueArguments(queue_type="quorum"),
             exchange=main,
             binding_keys=(routing.JOB_EVENTS,),
         )

@@ -1,7 +1,9 @@
-"""What a stage module declares: its name, how to build its resources, and its pure handler.
+"""What a stage module declares: its place in the pipeline, its resources, its pure handler.
 
-A stage module reads like a page: a `Stage(...)` value and an `async def handle(msg, ctx)`.
-The runtime (stages/runtime.py) owns everything about channels, acks, retries and events.
+A stage module reads like a page: a `STAGE = Stage(spec=..., startup=..., handle=...)` value and
+an `async def handle(msg, ctx)`. The runtime (stages/runtime/) owns everything about channels,
+acks, retries and events. A module from outside Sluice plugs in the same way, by settings
+alone: `SLUICE_STAGE_MODULES=name=package.module` and `name` in `SLUICE_STAGES`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from contracts.messages import INPUT_OF, Message, StageName
+from contracts.messages import Message
+from contracts.pipeline import PipelineError, StageSpec
 from contracts.settings import Settings
 
 In = TypeVar("In", bound=Message)
@@ -30,19 +33,26 @@ class Stage(Generic[In, Ctx]):
     down; anything else is treated as transient too (with a bounded number of attempts).
     """
 
-    name: StageName
+    spec: StageSpec
     startup: Callable[[Settings], Awaitable[Ctx]]
     handle: Callable[[In, Ctx], Awaitable[Sequence[Message]]]
     shutdown: Callable[[Ctx], Awaitable[None]] = _nothing_to_close
 
     @property
+    def name(self) -> str:
+        """The stage's name, as in `SLUICE_STAGES`."""
+        return self.spec.name
+
+    @property
     def input(self) -> type[Message]:
         """The message model this stage consumes."""
-        return INPUT_OF[self.name]
+        return self.spec.consumes
 
 
-def load_stage(name: StageName) -> Stage[Any, Any]:
-    """The `STAGE` declared by module `stages.<name>`."""
-    module = importlib.import_module(f"stages.builtin.{name}")
-    stage: Stage[Any, Any] = module.STAGE
+def load_stage(name: str, settings: Settings) -> Stage[Any, Any]:
+    """The `STAGE` of the module the pipeline names for `name` (built-in or plugged in)."""
+    module = importlib.import_module(settings.pipeline.modules[settings.pipeline.spec(name).name])
+    stage = getattr(module, "STAGE", None)
+    if not isinstance(stage, Stage):
+        raise PipelineError(f"module {module.__name__!r} has no `STAGE = Stage(...)`")
     return stage

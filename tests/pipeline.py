@@ -20,7 +20,7 @@ from unittest import mock
 import httpx
 from broker import BrokerHandle
 
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGES
 from contracts.settings import Settings
 
 TERMINAL = {"indexed", "failed"}
@@ -38,6 +38,8 @@ class Pipeline:
     log_dir: Path
     namespace: str
     commands: dict[str, list[str]]
+    # The stages this pipeline runs, in order (from SLUICE_STAGES).
+    stages: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str) -> None:
@@ -118,7 +120,7 @@ def credentials(amqp_url: str) -> tuple[str, str]:
 
 def _wait_ready(pipeline: Pipeline, broker: BrokerHandle, deadline_s: float = 120.0) -> None:
     deadline = time.monotonic() + deadline_s
-    queues = [f"{pipeline.namespace}.stage.{s}" for s in STAGES]
+    queues = [f"{pipeline.namespace}.stage.{s}" for s in pipeline.stages]
     while time.monotonic() < deadline:
         for name, process in pipeline.processes.items():
             if process.poll() is not None:
@@ -147,6 +149,9 @@ def launch(
     """`start_pipeline`, where `commands` may replace a process (a test double of a stage)."""
     namespace = f"t{uuid.uuid4().hex[:8]}"
     port = _free_port()
+    # Names only: a plug-in stage's module is on the processes' PYTHONPATH, maybe not ours.
+    chosen = settings.get("SLUICE_STAGES", DEFAULT_STAGES)
+    stages = tuple(name.strip() for name in chosen.split(",") if name.strip())
     env = {
         **os.environ,
         "SLUICE_AMQP_URL": broker.amqp_url,
@@ -158,13 +163,13 @@ def launch(
         "SLUICE_RETRY_DELAYS_S": "[1]",
         "SLUICE_MAX_ATTEMPTS": "2",
         # Free ports: several test pipelines may run stage processes on one machine.
-        **{f"SLUICE_{stage.upper()}_METRICS_PORT": "0" for stage in STAGES},
+        **{f"SLUICE_{stage.upper()}_METRICS_PORT": "0" for stage in stages},
         **settings,
     }
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     programs: dict[str, list[str]] = {"gateway": [*sluice_command(), "gateway"]}
-    programs |= {stage: [*sluice_command(), "stage", stage] for stage in STAGES}
+    programs |= {stage: [*sluice_command(), "stage", stage] for stage in stages}
     pipeline = Pipeline(
         url=f"http://127.0.0.1:{port}",
         env=env,
@@ -172,6 +177,7 @@ def launch(
         log_dir=log_dir,
         namespace=namespace,
         commands={**programs, **(commands or {})},
+        stages=stages,
     )
     for name in pipeline.commands:
         pipeline.start(name)

@@ -8,7 +8,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from contracts.messages import STAGES
 from gateway.cli.tables import print_table
 
 _REASON_CHARS = 60
@@ -18,6 +17,7 @@ def configure(
     dlq: argparse.ArgumentParser,
     common: argparse.ArgumentParser,
     base_url: Callable[[argparse.Namespace], str],
+    stages: tuple[str, ...],
 ) -> None:
     """Add `list` and `replay` under the `dlq` command."""
     sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -27,7 +27,7 @@ def configure(
     replay = sub.add_parser(
         "replay", parents=[common], help="send dead letters back to the stage they failed in"
     )
-    replay.add_argument("--stage", choices=STAGES, help="only letters that died in this stage")
+    replay.add_argument("--stage", choices=stages, help="only letters that died in this stage")
     replay.add_argument("--job", metavar="ID", help="only this job's letters")
     replay.add_argument("--all", action="store_true", help="every dead letter")
     replay.set_defaults(handler=lambda args: run_replay(args, base_url(args)))

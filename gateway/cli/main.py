@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.errors import SluiceError
-from contracts.messages import STAGES
 from gateway.cli import dead_letters as dlq_cli
 
 if TYPE_CHECKING:
     from contracts.settings import Settings
-
-_STATUSES = ("queued", "parsing", "chunking", "embedding", "indexing", "indexed", "failed")
 
 
 def _settings() -> Settings:
@@ -29,7 +26,38 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise SluiceError(f"invalid SLUICE_* setting: {exc}", code="usage_error") from exc
+        problems = "; ".join(
+            str(e.get("msg", e)).removeprefix("Value error, ") for e in exc.errors()
+        )
+        raise SluiceError(f"invalid SLUICE_* setting: {problems}", code="usage_error") from exc
+
+
+def _checked_settings() -> Settings:
+    """Settings for a process that runs part of the pipeline: every cross-field check and
+    the pipeline itself (stage names, plug-in modules) pass before anything starts."""
+    settings = _settings()
+    settings.check()
+    return settings
+
+
+def _pipeline_names() -> tuple[str, ...]:
+    """The configured stages, for the CLI's choices; the defaults if the settings are bad
+    (the command that needs them reports why)."""
+    from contracts.pipeline import DEFAULT_STAGE_NAMES
+
+    try:
+        return _settings().pipeline.names
+    except SluiceError:
+        return DEFAULT_STAGE_NAMES
+
+
+def _statuses() -> tuple[str, ...]:
+    from contracts.pipeline import default_pipeline
+
+    try:
+        return _settings().pipeline.statuses
+    except SluiceError:
+        return default_pipeline().statuses
 
 
 def _default_url() -> str:
@@ -50,14 +78,14 @@ def _positive_int(text: str) -> int:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.http.app import serve
 
-    serve(_settings())
+    serve(_checked_settings())
     return 0
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
     from stages.runtime.worker import run_stage
 
-    run_stage(args.name, _settings())
+    run_stage(args.name, _checked_settings())
     return 0
 
 
@@ -65,15 +93,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from gateway.cli.ingest import UsageError
     from gateway.cli.supervisor import default_children, run_supervisor
 
+    # Fail here, once, rather than in every child in a restart loop.
+    settings = _checked_settings()
+    names = settings.pipeline.names
     stages = [name.strip() for item in args.stages for name in item.split(",") if name.strip()]
-    unknown = sorted(set(stages) - set(STAGES))
+    unknown = sorted(set(stages) - set(names))
     if unknown:
-        raise UsageError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    chosen = [stage for stage in STAGES if stage in stages] if args.stages else list(STAGES)
+        raise UsageError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    chosen = [stage for stage in names if stage in stages] if args.stages else list(names)
     if args.no_gateway and not chosen:
         raise UsageError("nothing to run: --no-gateway and no stages")
-    # Fail here, once, rather than in every child in a restart loop.
-    settings = _settings()
     if not args.no_gateway:
         from gateway.http.services import refuse_open_exposure
 
@@ -187,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("gateway", _cmd_gateway, help="run the HTTP gateway")
     stage = add("stage", _cmd_stage, help="run one stage process")
-    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("name", choices=_pipeline_names(), help="a stage of SLUICE_STAGES")
     up = add("up", _cmd_up, help="run the gateway and every stage, restarting what dies")
     up.add_argument(
         "--stages", action="append", default=[], help="stages to run, e.g. parse,chunk (all)"
@@ -207,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = add("jobs", _cmd_jobs, parents=[common], help="list jobs, newest first")
     jobs.add_argument("--failed", action="store_true", help="same as --status failed")
-    jobs.add_argument("--status", choices=_STATUSES)
+    jobs.add_argument("--status", choices=_statuses())
     jobs.add_argument("--collection")
     jobs.add_argument("--limit", type=_positive_int)
     jobs.add_argument("--cursor", help="continue a previous listing")
@@ -217,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print the raw JSON")
 
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
-    dlq_cli.configure(dlq, common, lambda args: args.url or _default_url())
+    dlq_cli.configure(dlq, common, lambda args: args.url or _default_url(), _pipeline_names())
     return parser
 
 

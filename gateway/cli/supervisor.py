@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from contracts.messages import STAGES, StageName
+from contracts.messages import StageName
 
 _COLOURS = ("36", "32", "33", "35", "34", "91", "96", "92")
 _SELF = "sluice"
@@ -44,7 +44,7 @@ def sluice_command() -> list[str]:
     return [sys.executable, "-m", "gateway.cli.main"]
 
 
-def default_children(stages: Sequence[StageName] = STAGES, gateway: bool = True) -> list[ChildSpec]:
+def default_children(stages: Sequence[StageName], gateway: bool = True) -> list[ChildSpec]:
     """The gateway (unless disabled) and one process per chosen stage."""
     command = sluice_command()
     children = [ChildSpec("gateway", (*command, "gateway"))] if gateway else []

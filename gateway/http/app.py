@@ -15,10 +15,9 @@ from contracts.settings import Settings
 from gateway.http import errors
 from gateway.http.routes import dead_letters, documents, jobs, ops, page, search
 from gateway.http.services import Services, refuse_open_exposure
-from gateway.store.job_store import SqliteJobStore
+from gateway.store.base import open_job_store
 from gateway.store.tracker import Tracker
-from stages.backends.blobs import LocalBlobStore
-from stages.backends.lance_index import LanceIndex
+from stages.backends.factory import open_blob_store, open_index
 from stages.infra import tracing
 from stages.infra.broker import Broker
 from stages.infra.logs import configure_logging
@@ -59,9 +58,9 @@ def create_app(settings: Settings) -> FastAPI:
         broker = Broker(settings)
         services = Services(
             settings=settings,
-            store=SqliteJobStore(settings.job_db_path, stalled_after_s=settings.stalled_after_s),
-            blobs=LocalBlobStore(settings.blob_dir),
-            index=LanceIndex(settings.index_dir),
+            store=open_job_store(settings),
+            blobs=open_blob_store(settings),
+            index=open_index(settings),
             broker=broker,
         )
         app.state.services = services

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from gateway.http.schemas import STATUS_ORDER
-from gateway.store.job_store import JobStore
+from contracts.pipeline import Pipeline
+from gateway.store.base import JobStore
 
 UPLOADS = Counter("sluice_uploads_total", "Upload requests by HTTP status.", ["status"])
 UPLOAD_SECONDS = Histogram(
@@ -41,9 +41,9 @@ def upload_answer() -> Iterator[Callable[[int], None]]:
         UPLOAD_SECONDS.observe(time.perf_counter() - started)
 
 
-def render(store: JobStore) -> tuple[bytes, str]:
+def render(store: JobStore, pipeline: Pipeline) -> tuple[bytes, str]:
     """Every metric in the Prometheus text format, job counts read fresh from the store."""
     counts = store.count_by_status()
-    for status in (*STATUS_ORDER, "failed"):
+    for status in pipeline.statuses:
         JOBS.labels(status=status).set(counts.get(status, 0))
     return generate_latest(), CONTENT_TYPE_LATEST

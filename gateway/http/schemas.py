@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from contracts.events import JobError
 from contracts.messages import StageName
+from stages.backends.protocols import IndexHit
 
-JobStatus = Literal["queued", "parsing", "chunking", "embedding", "indexing", "indexed", "failed"]
-TERMINAL: frozenset[JobStatus] = frozenset({"indexed", "failed"})
-STATUS_OF_STAGE: dict[StageName, JobStatus] = {
-    "parse": "parsing",
-    "chunk": "chunking",
-    "embed": "embedding",
-    "index": "indexing",
-}
-STATUS_ORDER: tuple[JobStatus, ...] = (
-    "queued",
-    "parsing",
-    "chunking",
-    "embedding",
-    "indexing",
-    "indexed",
-)
+# A job's status: `queued`, one per stage of the pipeline (`parsing`, ...), `indexed` or
+# `failed`; `contracts.pipeline.Pipeline.statuses` lists them in order.
+JobStatus = str
 
 
 class Progress(BaseModel):
@@ -58,12 +45,42 @@ class Job(BaseModel):
     status: JobStatus
     progress: Progress
     stages: dict[StageName, StageTiming]
+    # Detected by the optional enrich stage (ISO 639-1), else null.
+    language: str | None = None
     error: JobError | None = None
     created_at: datetime
     updated_at: datetime
     trace_id: str | None = None
     # Not terminal and no event for longer than `stalled_after_s`: something may be stuck.
     stalled: bool = False
+
+
+class SearchHit(BaseModel):
+    """One search result, as the API returns it."""
+
+    document_id: str
+    filename: str
+    chunk_id: str
+    chunk_index: int
+    page: int | None
+    text: str
+    score: float
+    # With the optional enrich stage: the chunk's key phrases, best first.
+    keywords: list[str] | None = None
+
+    @classmethod
+    def of(cls, hit: IndexHit) -> SearchHit:
+        """The API's shape of an index hit."""
+        return cls(
+            document_id=hit.document_id,
+            filename=hit.filename,
+            chunk_id=hit.chunk_id,
+            chunk_index=hit.chunk_index,
+            page=hit.page,
+            text=hit.text,
+            score=hit.score,
+            keywords=list(hit.keywords) if hit.keywords is not None else None,
+        )
 
 
 class JobPage(BaseModel):

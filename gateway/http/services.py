@@ -16,10 +16,8 @@ from contracts.errors import SluiceError
 from contracts.messages import COLLECTION_PATTERN
 from contracts.settings import Settings
 from gateway.http.errors import ApiError
-from gateway.store.job_store import JobStore
-from stages.backends.blobs import LocalBlobStore
-from stages.backends.embedder import Embedder
-from stages.backends.lance_index import VectorIndex
+from gateway.store.base import JobStore
+from stages.backends.protocols import BlobStore, Embedder, VectorIndex
 from stages.infra.broker import Broker
 
 
@@ -151,7 +149,7 @@ class Services:
 
     settings: Settings
     store: JobStore
-    blobs: LocalBlobStore
+    blobs: BlobStore
     index: VectorIndex
     broker: Broker
     changes: JobChanges = field(default_factory=JobChanges)
@@ -167,7 +165,7 @@ class Services:
         """The query embedder, loaded on first search so the gateway starts fast."""
         async with self._embedder_lock:
             if self._embedder is None:
-                from stages.backends.embedder import make_embedder
+                from stages.backends.factory import make_embedder
 
                 self._embedder = await asyncio.to_thread(make_embedder, self.settings)
             return self._embedder

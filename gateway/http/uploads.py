@@ -16,8 +16,8 @@ from contracts.messages import DocumentUploaded
 from gateway.http.errors import ApiError
 from gateway.http.schemas import Job, UploadAnswer
 from gateway.http.services import Services
-from gateway.store.job_store import NewJob
-from stages.backends.blobs import stream_to_staging
+from gateway.http.staging import stream_to_staging
+from gateway.store.base import NewJob
 from stages.formats import sniff
 from stages.infra import tracing
 from stages.infra.broker import PublishRejected
@@ -61,7 +61,9 @@ async def accept(
     """Accept an upload (a new document, or a new version of `document_id`)."""
     filename = display_name(upload.filename)
     limit = services.settings.max_upload_bytes
-    staged, sha256, size = await stream_to_staging(_chunks(upload), services.blobs.staging, limit)
+    staged, sha256, size = await stream_to_staging(
+        _chunks(upload), services.settings.upload_staging_dir, limit
+    )
     try:
         if size > limit:
             raise ApiError(
@@ -139,7 +141,7 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
         size_bytes=job.size_bytes,
     )
     try:
-        await services.broker.publish(message)
+        await services.broker.publish(message, services.settings.pipeline.first.input_key)
     except PublishRejected as exc:
         raise ApiError(
             429, "pipeline_saturated", "The pipeline is full; try again shortly.", RETRY_AFTER_S

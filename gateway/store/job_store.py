@@ -13,22 +13,15 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
 from contracts.events import JobError, JobEvent
-from contracts.messages import STAGES
-from gateway.http.schemas import (
-    STATUS_OF_STAGE,
-    STATUS_ORDER,
-    TERMINAL,
-    Job,
-    JobStatus,
-    Progress,
-    StageTiming,
-)
+from contracts.pipeline import Pipeline, default_pipeline
+from gateway.http.schemas import Job, Progress, StageTiming
+from gateway.store import states
+from gateway.store.base import JobBlobs, NewJob
+from gateway.store.states import TERMINAL, JobState, StageState
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -50,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pages INTEGER,
     chunks_total INTEGER,
     error TEXT,
+    language TEXT,
     idempotency_key TEXT UNIQUE,
     trace_id TEXT,
     created_at TEXT NOT NULL,
@@ -63,6 +57,8 @@ CREATE TABLE IF NOT EXISTS job_stages (
     started_at TEXT,
     finished_at TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    units_done INTEGER NOT NULL DEFAULT 0,
+    chunks INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, stage)
 );
 CREATE TABLE IF NOT EXISTS job_units (
@@ -76,60 +72,6 @@ CREATE TABLE IF NOT EXISTS job_units (
 """
 
 
-@dataclass(frozen=True)
-class NewJob:
-    """A job about to be queued."""
-
-    job_id: str
-    document_id: str
-    collection: str
-    filename: str
-    content_type: str
-    size_bytes: int
-    blob_sha256: str
-    idempotency_key: str | None = None
-    trace_id: str | None = None
-
-
-@dataclass(frozen=True)
-class JobBlobs:
-    """The blobs a job wrote."""
-
-    blob_sha256: str
-    parsed_sha256: str | None
-
-
-class JobStore(Protocol):
-    """Jobs and documents; one real implementation per backend."""
-
-    def create(self, job: NewJob) -> None: ...
-    def forget(self, job_id: str) -> None: ...
-    def get(self, job_id: str) -> Job | None: ...
-    def page(
-        self,
-        status: str | None,
-        collection: str | None,
-        limit: int,
-        cursor: str | None,
-        *,
-        collections: frozenset[str] | None = None,
-        stalled: bool | None = None,
-    ) -> tuple[list[Job], str | None]: ...
-    def collections_of(self, job_ids: Collection[str]) -> dict[str, str]: ...
-    def find_duplicate(
-        self, collection: str, blob_sha256: str, idempotency_key: str | None
-    ) -> Job | None: ...
-    def document_collection(self, document_id: str) -> str | None: ...
-    def current_job(self, document_id: str) -> Job | None: ...
-    def delete_document(self, document_id: str) -> list[JobBlobs]: ...
-    def blob_in_use(self, sha256: str) -> bool: ...
-    def apply(self, event: JobEvent) -> bool: ...
-    def apply_all(self, events: Sequence[JobEvent]) -> set[str]: ...
-    def reopen(self, job_id: str) -> Job | None: ...
-    def ping(self) -> None: ...
-    def count_by_status(self) -> dict[str, int]: ...
-
-
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -141,9 +83,11 @@ class SqliteJobStore:
         self,
         path: Path,
         *,
+        pipeline: Pipeline | None = None,
         stalled_after_s: float = 600.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
+        self.pipeline = pipeline or default_pipeline()
         self.stalled_after_s = stalled_after_s
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +96,7 @@ class SqliteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         self._lock = threading.RLock()
 
     @contextmanager
@@ -359,78 +304,91 @@ class SqliteJobStore:
         return changed
 
     def _fold(self, db: sqlite3.Connection, event: JobEvent) -> bool:
-        at = event.at.isoformat()
-        row = db.execute("SELECT status FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
+        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
         if row is None:
             return False
-        status: JobStatus = row["status"]
-        db.execute(
-            "INSERT INTO job_stages (job_id, stage, started_at, attempts) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (job_id, stage) DO UPDATE SET"
-            " started_at = COALESCE(started_at, excluded.started_at),"
-            " attempts = MAX(attempts, excluded.attempts)",
-            (event.job_id, event.stage, at, event.attempt),
+        # The unit's primary key decides whether it counts: a redelivered event adds nothing.
+        new_unit = (
+            event.kind == "progress"
+            and db.execute(
+                "INSERT OR IGNORE INTO job_units"
+                " (job_id, stage, batch_index, batch_count, chunks) VALUES (?, ?, ?, ?, ?)",
+                (event.job_id, event.stage, event.batch_index, event.batch_count, event.chunks),
+            ).rowcount
+            == 1
         )
-        if event.kind == "failed":
-            if status not in TERMINAL:
-                status = "failed"
-                db.execute(
-                    "UPDATE jobs SET error = ? WHERE job_id = ?",
-                    (event.error.model_dump_json() if event.error else None, event.job_id),
-                )
-        elif event.kind == "progress":
-            status = self._count_unit(db, event, status)
-        if status not in TERMINAL:
-            status = _later(status, STATUS_OF_STAGE[event.stage])
-        db.execute(
-            "UPDATE jobs SET status = ?, updated_at = ? WHERE job_id = ?",
-            (status, self._now(), event.job_id),
-        )
+        before = self._state(db, row)
+        after = states.fold(before, event, new_unit=new_unit, pipeline=self.pipeline)
+        self._save(db, event.job_id, after, event.stage)
         return True
 
-    def _count_unit(self, db: sqlite3.Connection, event: JobEvent, status: JobStatus) -> JobStatus:
-        db.execute(
-            "INSERT OR IGNORE INTO job_units (job_id, stage, batch_index, batch_count, chunks)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (event.job_id, event.stage, event.batch_index, event.batch_count, event.chunks),
-        )
-        db.execute(
-            "UPDATE jobs SET pages = COALESCE(?, pages), chunks_total = COALESCE(?, chunks_total),"
-            " parsed_sha256 = COALESCE(?, parsed_sha256) WHERE job_id = ?",
-            (event.pages, event.chunks_total, event.parsed_sha256, event.job_id),
-        )
-        (done,) = db.execute(
-            "SELECT COUNT(*) FROM job_units WHERE job_id = ? AND stage = ?",
-            (event.job_id, event.stage),
-        ).fetchone()
-        if done >= event.batch_count:
-            db.execute(
-                "UPDATE job_stages SET finished_at = COALESCE(finished_at, ?)"
-                " WHERE job_id = ? AND stage = ?",
-                (event.at.isoformat(), event.job_id, event.stage),
+    def _state(self, db: sqlite3.Connection, row: sqlite3.Row) -> JobState:
+        stages = {
+            r["stage"]: StageState(
+                started_at=_time(r["started_at"]),
+                finished_at=_time(r["finished_at"]),
+                attempts=r["attempts"],
+                units_done=r["units_done"],
+                chunks=r["chunks"],
             )
-            if status not in TERMINAL:
-                # A finished stage hands the job to the next one: it waits there, and saying
-                # "chunking" for a document already chunked would mislead.
-                position = STAGES.index(event.stage)
-                if position == len(STAGES) - 1:
-                    return "indexed"
-                return _later(status, STATUS_OF_STAGE[STAGES[position + 1]])
-        return status
+            for r in db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
+        }
+        return JobState(
+            status=row["status"],
+            error=JobError.model_validate_json(row["error"]) if row["error"] else None,
+            pages=row["pages"],
+            chunks_total=row["chunks_total"],
+            parsed_sha256=row["parsed_sha256"],
+            language=row["language"],
+            stages=stages,
+        )
+
+    def _save(self, db: sqlite3.Connection, job_id: str, state: JobState, stage: str) -> None:
+        db.execute(
+            "UPDATE jobs SET status = ?, error = ?, pages = ?, chunks_total = ?,"
+            " parsed_sha256 = ?, language = ?, updated_at = ? WHERE job_id = ?",
+            (
+                state.status,
+                state.error.model_dump_json() if state.error else None,
+                state.pages,
+                state.chunks_total,
+                state.parsed_sha256,
+                state.language,
+                self._now(),
+                job_id,
+            ),
+        )
+        part = state.stages[stage]
+        db.execute(
+            "INSERT INTO job_stages"
+            " (job_id, stage, started_at, finished_at, attempts, units_done, chunks)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, stage) DO UPDATE SET"
+            " started_at = excluded.started_at, finished_at = excluded.finished_at,"
+            " attempts = excluded.attempts, units_done = excluded.units_done,"
+            " chunks = excluded.chunks",
+            (
+                job_id,
+                stage,
+                _iso(part.started_at),
+                _iso(part.finished_at),
+                part.attempts,
+                part.units_done,
+                part.chunks,
+            ),
+        )
 
     def reopen(self, job_id: str) -> Job | None:
         """Put a failed job back in flight at the stage that failed (for a retry)."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT status, error FROM jobs WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            if row is None or row["status"] != "failed":
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
                 return None
-            error = JobError.model_validate_json(row["error"]) if row["error"] else None
-            status = STATUS_OF_STAGE[error.stage] if error else "queued"
+            state = states.reopened(self._state(db, row), self.pipeline)
+            if state is None:
+                return None
             db.execute(
                 "UPDATE jobs SET status = ?, error = NULL, updated_at = ? WHERE job_id = ?",
-                (status, self._now(), job_id),
+                (state.status, self._now(), job_id),
             )
         return self.get(job_id)
 
@@ -455,8 +413,7 @@ class SqliteJobStore:
         }
         counts = dict(
             self._db.execute(
-                "SELECT stage, SUM(chunks) FROM job_units WHERE job_id = ? GROUP BY stage",
-                (job_id,),
+                "SELECT stage, chunks FROM job_stages WHERE job_id = ?", (job_id,)
             ).fetchall()
         )
         return Job(
@@ -479,13 +436,46 @@ class SqliteJobStore:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             trace_id=row["trace_id"],
+            language=row["language"],
             stalled=row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before(),
         )
 
 
-def _later(a: JobStatus, b: JobStatus) -> JobStatus:
-    """Events arrive out of order across stages; status only moves forward."""
-    return a if STATUS_ORDER.index(a) >= STATUS_ORDER.index(b) else b
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# Stores written before a column existed get it added, counted from what they already hold.
+_MIGRATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "job_stages",
+        "units_done",
+        (
+            "ALTER TABLE job_stages ADD COLUMN units_done INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE job_stages ADD COLUMN chunks INTEGER NOT NULL DEFAULT 0",
+            "UPDATE job_stages SET"
+            " units_done = (SELECT COUNT(*) FROM job_units u"
+            "  WHERE u.job_id = job_stages.job_id AND u.stage = job_stages.stage),"
+            " chunks = (SELECT COALESCE(SUM(chunks), 0) FROM job_units u"
+            "  WHERE u.job_id = job_stages.job_id AND u.stage = job_stages.stage)",
+        ),
+    ),
+    ("jobs", "language", ("ALTER TABLE jobs ADD COLUMN language TEXT",)),
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, column, statements in _MIGRATIONS:
+        columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in statements:
+                db.execute(statement)
+            db.execute("COMMIT")
 
 
 def _encode_cursor(row: sqlite3.Row) -> str:

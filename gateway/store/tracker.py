@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from contracts import routing
 from contracts.events import JobEvent
 from gateway.http.services import JobChanges
-from gateway.store.job_store import JobStore
+from gateway.store.base import JobStore
 from stages.infra.broker import Broker, declare_queue
 from stages.infra.logs import log_context
 

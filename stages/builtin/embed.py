@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from contracts import pipeline
 from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
 from contracts.settings import Settings
-from stages.backends.embedder import Embedder, make_embedder
+from stages.backends.factory import make_embedder
+from stages.backends.protocols import Embedder, embedding_text
 from stages.infra import metrics
 from stages.kit.batching import Coalescer
 from stages.stage import Stage
@@ -40,15 +42,12 @@ async def startup(settings: Settings) -> EmbedContext:
     )
 
 
-def embedding_text(heading: str | None, text: str) -> str:
-    """What the model sees: the heading gives a chunk the context its own words may lack."""
-    return f"{heading}\n{text}" if heading and heading not in text else text
-
-
 async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
     """Embed every chunk of a batch, in a model call shared with other documents' batches."""
     texts = [embedding_text(c.heading, c.text) for c in msg.chunks]
-    vectors = await ctx.calls.submit(texts)
+    # A stage before this one may have emptied the batch: it still goes on to the index,
+    # which counts it towards the document's completion.
+    vectors = await ctx.calls.submit(texts) if texts else []
     chunks = [
         EmbeddedChunk(**c.model_dump(), vector=v) for c, v in zip(msg.chunks, vectors, strict=True)
     ]
@@ -58,9 +57,10 @@ async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
             batch_index=msg.batch_index,
             batch_count=msg.batch_count,
             chunks_total=msg.chunks_total,
+            language=msg.language,
             chunks=chunks,
         )
     ]
 
 
-STAGE = Stage(name="embed", startup=startup, handle=handle)
+STAGE = Stage(spec=pipeline.EMBED, startup=startup, handle=handle)

@@ -1,17 +1,20 @@
 """Index: embedded batches → LanceDB, upserted by chunk id.
 
-When the last chunk of a new version is in, the previous version's chunks are removed, so a
-replaced document is searchable without a gap and never twice.
+When every batch of a new version is in, the previous version's chunks are removed, so a
+replaced document is searchable without a gap and never twice. Completion counts batches,
+not chunks: a stage before this one may have dropped or added chunks in any batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts import pipeline
 from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch, Message
 from contracts.settings import Settings
-from stages.backends.lance_index import LanceIndex, VectorIndex
+from stages.backends.factory import open_index
+from stages.backends.protocols import VectorIndex
 from stages.infra import memory
 from stages.kit.batching import Coalescer
 from stages.stage import Stage
@@ -39,21 +42,22 @@ def context_for(index: VectorIndex, *, max_batches: int, max_wait_s: float) -> I
 
 
 async def startup(settings: Settings) -> IndexContext:
-    """Open the LanceDB directory."""
+    """Open the vector index the settings choose."""
     # Freed memory kept by allocators is most of what this stage would hold: LanceDB writes
     # from a pool of threads, each with a glibc arena of its own, and Arrow's pool keeps
     # what it frees.
     memory.limit_arenas(2)
     memory.arrow_uses_malloc()
     return context_for(
-        LanceIndex(settings.index_dir),
-        max_batches=settings.tuning("index").concurrency,
+        open_index(settings),
+        max_batches=settings.stage("index").concurrency,
         max_wait_s=settings.embed_batch_wait_s,
     )
 
 
 def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
-    """Upsert batches (one write per collection); once a version is whole, drop older ones."""
+    """Upsert batches (one write per collection); once every batch of a version is in, drop
+    the older versions."""
     for collection in {b.collection for b in batches}:
         try:
             index.upsert(collection, [b for b in batches if b.collection == collection])
@@ -69,7 +73,7 @@ def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
     complete = {
         (b.collection, b.document_id, b.job_id)
         for b in batches
-        if index.count(b.collection, b.document_id, b.job_id) >= b.chunks_total
+        if index.batches_done(b.collection, b.document_id, b.job_id) >= b.batch_count
     }
     for collection, document_id, job_id in complete:
         index.remove_other_versions(collection, document_id, job_id)
@@ -82,4 +86,4 @@ async def handle(msg: EmbeddedBatch, ctx: IndexContext) -> list[Message]:
     return []
 
 
-STAGE = Stage(name="index", startup=startup, handle=handle)
+STAGE = Stage(spec=pipeline.INDEX, startup=startup, handle=handle)

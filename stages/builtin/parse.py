@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts import pipeline
 from contracts.messages import DocumentParsed, DocumentUploaded
 from contracts.settings import Settings
-from stages.backends.blobs import LocalBlobStore
+from stages.backends.factory import open_blob_store
+from stages.backends.protocols import BlobStore
 from stages.formats import Limits, parse_document
 from stages.kit.sandbox import Sandbox
 from stages.stage import Stage
@@ -16,7 +18,7 @@ from stages.stage import Stage
 class ParseContext:
     """What the parse stage needs: the blob store, its limits, and worker processes to parse in."""
 
-    blobs: LocalBlobStore
+    blobs: BlobStore
     limits: Limits
     sandbox: Sandbox
 
@@ -24,7 +26,7 @@ class ParseContext:
 async def startup(settings: Settings) -> ParseContext:
     """Open the blob store and start one parse worker per concurrent message."""
     sandbox = Sandbox(
-        settings.tuning("parse").concurrency,
+        settings.stage("parse").concurrency,
         timeout_s=settings.parse_timeout_s,
         memory_mb=settings.parse_memory_mb,
         recycle_mb=settings.parse_worker_recycle_mb,
@@ -32,7 +34,7 @@ async def startup(settings: Settings) -> ParseContext:
     )
     await sandbox.start()
     return ParseContext(
-        blobs=LocalBlobStore(settings.blob_dir),
+        blobs=open_blob_store(settings),
         limits=Limits.from_settings(settings),
         sandbox=sandbox,
     )
@@ -40,10 +42,8 @@ async def startup(settings: Settings) -> ParseContext:
 
 async def handle(msg: DocumentUploaded, ctx: ParseContext) -> list[DocumentParsed]:
     """Extract the text of an upload; a bad, too big or too slow file fails the job."""
-    source = ctx.blobs.path(msg.blob_sha256)
-    if not source.is_file():
-        ctx.blobs.read_bytes(msg.blob_sha256)  # raises Transient with the path in its message
-    parsed = await ctx.sandbox.run(parse_document, source, msg.content_type, ctx.limits)
+    with ctx.blobs.as_file(msg.blob_sha256) as source:
+        parsed = await ctx.sandbox.run(parse_document, source, msg.content_type, ctx.limits)
     parsed_sha256 = ctx.blobs.put_bytes(parsed.model_dump_json().encode())
     return [
         DocumentParsed(
@@ -60,4 +60,4 @@ async def shutdown(ctx: ParseContext) -> None:
     await ctx.sandbox.close()
 
 
-STAGE = Stage(name="parse", startup=startup, handle=handle, shutdown=shutdown)
+STAGE = Stage(spec=pipeline.PARSE, startup=startup, handle=handle, shutdown=shutdown)

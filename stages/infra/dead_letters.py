@@ -17,7 +17,8 @@ from aio_pika.exceptions import AMQPError
 
 from contracts import routing
 from contracts.errors import Transient
-from contracts.messages import INPUT_OF, STAGES, StageName
+from contracts.messages import StageName
+from contracts.pipeline import Pipeline
 from contracts.topology import (
     ATTEMPT_HEADER,
     ERROR_CODE_HEADER,
@@ -30,7 +31,6 @@ from stages.infra import tracing
 from stages.infra.broker import Broker, header_int
 
 DEAD_AT_HEADER = "x-sluice-dead-at"
-_STAGE_OF_KEY: dict[str, StageName] = {INPUT_OF[s].routing_key: s for s in STAGES}
 _SCAN_LIMIT = 100_000
 
 
@@ -46,17 +46,17 @@ class DeadLetter:
     dead_at: float | None
 
 
-def describe(delivery: AbstractIncomingMessage) -> DeadLetter:
+def describe(delivery: AbstractIncomingMessage, pipeline: Pipeline) -> DeadLetter:
     """What a person needs to know about a dead letter, from its headers."""
     headers: dict[str, Any] = dict(delivery.headers or {})
-    stage = headers.get(STAGE_HEADER) or _STAGE_OF_KEY.get(delivery.routing_key or "")
+    stage = headers.get(STAGE_HEADER) or pipeline.stage_of_key(delivery.routing_key or "")
     # Without our headers the broker dead-lettered it: its worker died on it too many times.
     code = str(headers.get(ERROR_CODE_HEADER) or "worker_crashed")
     reason = str(headers.get(ERROR_HEADER) or "the message crashed its worker on every delivery")
     dead_at = headers.get(DEAD_AT_HEADER)
     return DeadLetter(
         job_id=str(headers.get(JOB_HEADER) or "") or None,
-        stage=stage if stage in STAGES else None,
+        stage=stage if isinstance(stage, str) and pipeline.has(stage) else None,
         code=code,
         reason=reason,
         attempts=header_int(headers, ATTEMPT_HEADER, header_int(headers, "x-delivery-count", 1)),
@@ -87,7 +87,7 @@ async def replay_each(
             delivery = await queue.get(no_ack=False, fail=False)
             if delivery is None:
                 break
-            letter = describe(delivery)
+            letter = describe(delivery, broker.settings.pipeline)
             if letter.stage is None or not where(letter):
                 continue
             headers = {
@@ -103,7 +103,7 @@ async def replay_each(
             ):
                 await broker.publish_raw(
                     routing.exchange(ns),
-                    binding_key(letter.stage),
+                    binding_key(broker.settings, letter.stage),
                     delivery.body,
                     headers={**headers, ATTEMPT_HEADER: 1},
                     message_id=delivery.message_id,
@@ -131,7 +131,7 @@ async def list_dead_letters(broker: Broker) -> list[DeadLetter]:
             delivery = await queue.get(no_ack=False, fail=False)
             if delivery is None:
                 break
-            letters.append(describe(delivery))
+            letters.append(describe(delivery, broker.settings.pipeline))
     return letters
 
 

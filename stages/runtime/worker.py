@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_stage(name: StageName, settings: Settings) -> None:
     """Run one stage in the foreground; returns after a clean drain on SIGTERM/SIGINT."""
-    run_with(load_stage(name), settings)
+    settings.check()
+    run_with(load_stage(name, settings), settings)
 
 
 def run_with(stage: Stage[Any, Any], settings: Settings) -> None:
@@ -42,7 +43,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics.serve_metrics(settings.host, settings.metrics_port(name))
+    metrics.serve_metrics(settings.host, settings.stage(name).metrics_port)
     ctx = await stage.startup(settings)
     broker = Broker(settings)
     try:

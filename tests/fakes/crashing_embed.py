@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from contracts import pipeline
 from contracts.messages import ChunkBatch, EmbeddedBatch
 from contracts.settings import Settings
 from stages.builtin import embed
@@ -31,7 +32,7 @@ async def handle(msg: ChunkBatch, ctx: embed.EmbedContext) -> list[EmbeddedBatch
     return await embed.handle(msg, ctx)
 
 
-STAGE = Stage(name="embed", startup=embed.startup, handle=handle)
+STAGE = Stage(spec=pipeline.EMBED, startup=embed.startup, handle=handle)
 
 if __name__ == "__main__":
     configure_logging("sluice-embed (crashing test double)")

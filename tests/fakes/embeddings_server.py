@@ -12,7 +12,8 @@ from types import TracebackType
 from typing import Any
 
 from fakes.loopback import LoopbackServer
-from stages.backends.embedder import Embedder, SentenceTransformerEmbedder
+from stages.backends.embedder import SentenceTransformerEmbedder
+from stages.backends.protocols import Embedder
 
 # One answer's `data` list, for `tamper` hooks that break it on purpose.
 Data = list[dict[str, Any]]

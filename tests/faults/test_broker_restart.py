@@ -12,7 +12,7 @@ from invariants import assert_nothing_lost
 from pipeline import credentials, queue_consumers, wait_for_job
 
 from contracts import routing
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from faults.conftest import PipelineFactory, distinct_pdfs, upload, wait_until
 
 

@@ -14,7 +14,7 @@ from invariants import assert_nothing_lost, dead_letters
 from pipeline import Pipeline, wait_for_job
 
 from contracts import routing
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from faults.conftest import PipelineFactory, upload
 
 MALFORMED: dict[str, bytes] = {

@@ -17,7 +17,7 @@ from documents import make_image_only_pdf, make_markdown, make_pdf
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
 from prometheus_client.parser import text_string_to_metric_families
 
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 
 # Small batches, so the larger documents fan out into several embed and index messages.
 CHUNKS_PER_MESSAGE = 4

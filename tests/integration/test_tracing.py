@@ -14,7 +14,7 @@ from fakes.otlp_receiver import FakeOtlpReceiver, ReceivedSpan
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
 
 from contracts import routing
-from contracts.messages import STAGES
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 
 # Small chunk batches, so one document fans out into several embed and index messages.
 CHUNKS_PER_MESSAGE = 4

@@ -12,7 +12,8 @@ from fakes.embeddings_server import Data, FakeEmbeddingsServer
 
 from contracts.errors import Permanent, Transient
 from contracts.settings import Settings
-from stages.backends.embedder import SentenceTransformerEmbedder, make_embedder
+from stages.backends.embedder import SentenceTransformerEmbedder
+from stages.backends.factory import make_embedder
 from stages.backends.http_embedder import HttpEmbedder
 
 TEXTS = [

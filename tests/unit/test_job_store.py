@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from contracts.events import JobError, JobEvent
-from gateway.store.job_store import NewJob, SqliteJobStore
+from gateway.store.base import NewJob
+from gateway.store.job_store import SqliteJobStore
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 
 from contracts.settings import Settings
 from stages.backends import onnx_embedder
-from stages.backends.embedder import SentenceTransformerEmbedder, make_embedder
+from stages.backends.embedder import SentenceTransformerEmbedder
+from stages.backends.factory import make_embedder
 from stages.backends.http_embedder import HttpEmbedder
 from stages.backends.onnx_embedder import OnnxEmbedder, export_onnx, load_tokenizer
 

@@ -149,7 +149,10 @@ async def test_index_upserts_and_replaces_old_versions(
     for (batch,) in first:
         assert await index.handle(batch, ctx) == []
         await index.handle(batch, ctx)  # a redelivery must not duplicate
-    assert ctx.index.count("default", "d1", "j1") == 4
+    assert sorted(ctx.index.chunk_ids("default", "d1")) == sorted(
+        c.chunk_id for (b,) in first for c in b.chunks
+    )
+    assert ctx.index.batches_done("default", "d1", "j1") == 2
 
     newer = ChunkBatch(**{**_batch(["three"]).model_dump(), "job_id": "j2"})
     (embedded,) = await embed.handle(newer, embed_ctx)
@@ -160,8 +163,9 @@ async def test_index_upserts_and_replaces_old_versions(
         }
     )
     await index.handle(embedded, ctx)
-    assert ctx.index.count("default", "d1", "j1") == 0
-    assert ctx.index.count("default", "d1", "j2") == 1
+    assert ctx.index.chunk_ids("default", "d1") == ["new-0"]
+    assert ctx.index.batches_done("default", "d1", "j1") == 0
+    assert ctx.index.batches_done("default", "d1", "j2") == 1
     hits = ctx.index.search("default", embedded.chunks[0].vector, k=5)
     assert [h.text for h in hits] == ["three"]
 

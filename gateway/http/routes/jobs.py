@@ -12,9 +12,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from contracts.errors import Transient
 from contracts.events import JobEvent
 from gateway.http.errors import ApiError
-from gateway.http.schemas import TERMINAL, Job, JobPage, JobStatus
+from gateway.http.schemas import Job, JobPage, JobStatus
 from gateway.http.services import Access, AccessDep, ServicesDep, require_api_key
 from gateway.http.uploads import RETRY_AFTER_S, publish_upload
+from gateway.store.states import TERMINAL
 from stages.infra import dead_letters as dlq
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_api_key)])
@@ -47,6 +48,11 @@ async def list_jobs(
     stalled: bool | None = None,
 ) -> JobPage:
     """Jobs of the caller's collections, newest first, a page at a time."""
+    statuses = services.settings.pipeline.statuses
+    if status is not None and status not in statuses:
+        raise ApiError(
+            400, "invalid_status", f"Status {status[:40]!r} is not one of: {', '.join(statuses)}."
+        )
     if collection:
         access.require(collection)
     try:

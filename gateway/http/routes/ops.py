@@ -30,7 +30,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         await asyncio.to_thread(services.store.ping)
     except Exception:
         down.append("job_store")
-    if not services.blobs.root.is_dir():
+    try:
+        await asyncio.to_thread(services.blobs.ping)
+    except Exception:
         down.append("blob_store")
     if down:
         return error_response(503, "not_ready", f"Not reachable: {', '.join(down)}.", 5)
@@ -40,5 +42,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics")
 async def prometheus(services: ServicesDep) -> Response:
     """Prometheus text format."""
-    body, content_type = await asyncio.to_thread(metrics.render, services.store)
+    body, content_type = await asyncio.to_thread(
+        metrics.render, services.store, services.settings.pipeline
+    )
     return Response(body, media_type=content_type)

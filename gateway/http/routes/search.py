@@ -10,9 +10,9 @@ from pydantic import BaseModel
 
 from gateway.http.errors import ApiError
 from gateway.http.routes.documents import valid_collection
+from gateway.http.schemas import SearchHit
 from gateway.http.services import AccessDep, ServicesDep, require_api_key
-from stages.backends.lance_index import SearchHit
-from stages.builtin.embed import embedding_text
+from stages.backends.protocols import embedding_text
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -38,4 +38,4 @@ async def search(
     embedder = await services.embedder()
     (vector,) = await asyncio.to_thread(embedder.embed, [embedding_text(None, q)])
     hits = await asyncio.to_thread(services.index.search, collection, vector, k)
-    return SearchResults(results=hits)
+    return SearchResults(results=[SearchHit.of(hit) for hit in hits])

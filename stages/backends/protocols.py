@@ -1,0 +1,117 @@
+"""The backend seams: what a blob store, a vector index and an embedder offer.
+
+Callers use only what these Protocols declare, and get an implementation from the factories
+in stages/backends/factory.py, chosen by settings. A second implementation (an object store,
+a vector database) plugs in behind the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from contracts.messages import EmbeddedBatch
+
+
+class BlobStore(Protocol):
+    """Where large payloads live so messages only carry their sha256 (claim-check).
+
+    Blobs go in as bytes or as a finished temporary file and come out as bytes or as a
+    temporary local file, so an object store can stand behind the same calls.
+    """
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store bytes, return their sha256; storing the same bytes twice is a no-op."""
+        ...
+
+    def adopt(self, staged: Path, sha256: str) -> None:
+        """Take a fully written temporary file into the store under its sha256 (consumes it)."""
+        ...
+
+    def read_bytes(self, sha256: str) -> bytes:
+        """The blob's bytes; `Transient` if it is missing (another node may still write it)."""
+        ...
+
+    def as_file(self, sha256: str) -> AbstractContextManager[Path]:
+        """A local file holding the blob, for as long as the `with` block lasts."""
+        ...
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+        ...
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob if present."""
+        ...
+
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        ...
+
+
+@dataclass(frozen=True)
+class IndexHit:
+    """One stored chunk near a query vector, as the index returns it."""
+
+    document_id: str
+    filename: str
+    chunk_id: str
+    chunk_index: int
+    page: int | None
+    text: str
+    score: float
+    keywords: tuple[str, ...] | None = None
+
+
+class VectorIndex(Protocol):
+    """Stores chunk vectors per collection and finds the nearest ones.
+
+    A document version (job) is complete in the index when every one of its batches has
+    been written (`batches_done`), whatever a stage did to the number of chunks per batch.
+    """
+
+    def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
+        """Insert or replace the chunks of several batches by chunk id, in one write, and
+        record each batch as arrived (an empty batch too)."""
+        ...
+
+    def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
+        """How many distinct batches of this version (job) of a document were written."""
+        ...
+
+    def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
+        """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
+        ...
+
+    def delete_document(self, collection: str, document_id: str) -> None:
+        """Drop every chunk of a document."""
+        ...
+
+    def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
+        """The `k` chunks nearest to `vector`, best first (score: cosine similarity)."""
+        ...
+
+    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any)."""
+        ...
+
+
+class Embedder(Protocol):
+    """Turns texts into normalised vectors."""
+
+    dimensions: int
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit-length vector per text, in order."""
+        ...
+
+
+def embedding_text(heading: str | None, text: str) -> str:
+    """What the model sees: the heading gives a chunk the context its own words may lack.
+
+    Queries go through the same function (with no heading), so both sides match.
+    """
+    return f"{heading}\n{text}" if heading and heading not in text else text
