@@ -1,7 +1,8 @@
 """The four Sluice stage handlers called in one process, one after another, as plain functions.
 
 This is what the baselines share with Sluice: exactly the same `startup` and `handle` of each
-stage, only without a broker between them.
+stage, only without a broker between them. `chunk_rates` times the stages that take chunk
+batches (the optional enrich, and embed) the same way, for the report's enrich-vs-embed row.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from contracts.messages import STAGES, DocumentUploaded, Message, StageName
+from contracts.messages import ChunkBatch, DocumentUploaded, Message, StageName
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from contracts.settings import Settings
 from stages.backends.blobs import LocalBlobStore
 from stages.formats import sniff
 from stages.stage import Stage, load_stage
+
+# The pipeline with the optional enrich stage, so its handler can be loaded and timed.
+ENRICHED_STAGES = "parse,chunk,enrich,embed,index"
 
 
 @contextmanager
@@ -64,7 +69,7 @@ class InProcess:
         """Run the `startup` of each named stage (the embed model loads here)."""
         stages: dict[StageName, tuple[Stage[Any, Any], Any]] = {}
         for name in names:
-            stage = load_stage(name)
+            stage = load_stage(name, settings)
             stages[name] = (stage, await stage.startup(settings))
         return cls(settings, stages)
 
@@ -82,9 +87,13 @@ class InProcess:
             collection=collection,
             filename=filename,
             blob_sha256=sha256,
-            content_type=sniff(self.blobs.path(sha256)),
+            content_type=self._sniff(sha256),
             size_bytes=len(data),
         )
+
+    def _sniff(self, sha256: str) -> str:
+        with self.blobs.as_file(sha256) as path:
+            return sniff(path)
 
     async def run(self, msg: Message) -> Passage:
         """Feed `msg` through every stage held, in order, each output into the next handler."""
@@ -99,3 +108,36 @@ class InProcess:
             passage.outputs[name] = produced
             current = produced
         return passage
+
+
+@dataclass(frozen=True)
+class ChunkRate:
+    """Handler seconds one stage spent on the corpus's chunk batches, and the chunks in them."""
+
+    seconds: float
+    chunks: int
+
+    @property
+    def chunks_per_s(self) -> float:
+        """Chunks this stage's handler gets through per second, one batch in hand at a time."""
+        return self.chunks / self.seconds if self.seconds else 0.0
+
+
+async def chunk_rates(
+    data_dir: Path, batches: Sequence[ChunkBatch], names: Sequence[StageName] = ("enrich", "embed")
+) -> dict[StageName, ChunkRate]:
+    """Feed every chunk batch through the named stages in order, timing each stage's handler."""
+    pipeline = await InProcess.start(bench_settings(data_dir, SLUICE_STAGES=ENRICHED_STAGES), names)
+    seconds = dict.fromkeys(names, 0.0)
+    try:
+        # A first batch warms up what the first call pays for (thread pools, kernels, caches).
+        if batches:
+            await pipeline.run(batches[0])
+        for batch in batches:
+            passage = await pipeline.run(batch)
+            for name in names:
+                seconds[name] += passage.seconds[name]
+    finally:
+        await pipeline.close()
+    chunks = sum(len(b.chunks) for b in batches)
+    return {name: ChunkRate(seconds[name], chunks) for name in names}

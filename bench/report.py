@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.celery_run import CeleryRun
+from bench.inproc import ChunkRate
 from bench.inrequest import InRequest
 from bench.overhead import Overhead
 from bench.prepare import Prepared
@@ -36,6 +37,8 @@ class Results:
     celery: CeleryRun | None = None
     overhead: Overhead | None = None
     saturated: Saturated | None = None
+    # In-process handler time of the stages that take chunk batches (enrich, embed).
+    chunk_rates: dict[str, ChunkRate] | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
     # Per phase: CPU seconds of the benchmark and of everything else on this (shared) machine.
     phase_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -72,6 +75,17 @@ def rows(r: Results) -> list[Row]:
                 "1",
                 "Raw model limit, `model.encode`, one process",
                 f"{raw.best_chunks_per_s:.1f} chunks/s (batch {raw.best_batch_size}; {tried})",
+            )
+        )
+    if r.chunk_rates:
+        out.append(
+            Row(
+                "1",
+                "Handlers after chunk, in process, one batch at a time (enrich vs embed)",
+                ", ".join(
+                    f"{name} {rate.chunks_per_s:.1f} chunks/s ({rate.seconds:.1f} s)"
+                    for name, rate in r.chunk_rates.items()
+                ),
             )
         )
     if r.e2e is not None:
@@ -263,6 +277,10 @@ def markdown(r: Results) -> str:
         "",
         f"In-process stage seconds over the corpus: parse {r.prepared.parse_s:.1f}, "
         f"chunk {r.prepared.chunk_s:.1f}"
+        + "".join(
+            f", {name} {rate.seconds:.1f} ({rate.chunks_per_s:.1f} chunks/s)"
+            for name, rate in (r.chunk_rates or {}).items()
+        )
         + (
             ", in-request run: " + ", ".join(f"{k} {v:.1f}" for k, v in r.inrequest.stage_s.items())
             if r.inrequest
@@ -283,7 +301,14 @@ def as_json(r: Results) -> dict[str, Any]:
         "scale": r.scale,
         "documents": r.documents,
         "chunks": len(r.prepared.texts),
-        "in_process_seconds": {"parse": r.prepared.parse_s, "chunk": r.prepared.chunk_s},
+        "in_process_seconds": {
+            "parse": r.prepared.parse_s,
+            "chunk": r.prepared.chunk_s,
+            **{name: rate.seconds for name, rate in (r.chunk_rates or {}).items()},
+        },
+        "in_process_chunks_per_s": {
+            name: rate.chunks_per_s for name, rate in (r.chunk_rates or {}).items()
+        },
         "phase_s": r.phase_s,
         "phase_cpu_s": r.phase_cpu_s,
         "errors": r.errors,

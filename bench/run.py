@@ -20,6 +20,7 @@ from broker import PrivateBroker
 from bench.celery_run import celery_chain
 from bench.corpus import corpus, small_documents
 from bench.cpu import PhaseMeter
+from bench.inproc import chunk_rates
 from bench.inrequest import in_request
 from bench.overhead import overhead
 from bench.prepare import prepare
@@ -27,7 +28,7 @@ from bench.raw_model import measure
 from bench.report import Results, markdown, write
 from bench.sluice_run import end_to_end, saturated
 
-PHASES = ("raw", "sluice", "inrequest", "celery", "overhead", "saturated")
+PHASES = ("raw", "enrich", "sluice", "inrequest", "celery", "overhead", "saturated")
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
 
@@ -97,6 +98,11 @@ def main() -> None:
         deadline = args.deadline_s
         if "raw" in phases:
             r.raw = timed(r, "raw", lambda: measure(prepared.texts))
+        if "enrich" in phases:
+            batches = [b for found in prepared.recording.chunked.values() for b in found]
+            r.chunk_rates = timed(
+                r, "enrich", lambda: asyncio.run(chunk_rates(root / "enrich", batches))
+            )
         if "sluice" in phases:
             r.e2e = timed(
                 r,

@@ -403,13 +403,21 @@ class SqliteJobStore:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
             return {str(status): int(n) for status, n in rows.fetchall()}
 
+    def _stage_rank(self, stage: str) -> int:
+        """Where a stage stands in the pipeline, so a job lists its stages in order."""
+        names = self.pipeline.names
+        return names.index(stage) if stage in names else len(names)
+
     def _job(self, row: sqlite3.Row) -> Job:
         job_id = row["job_id"]
         stages = {
             r["stage"]: StageTiming(
                 started_at=r["started_at"], finished_at=r["finished_at"], attempts=r["attempts"]
             )
-            for r in self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (job_id,))
+            for r in sorted(
+                self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (job_id,)),
+                key=lambda r: self._stage_rank(r["stage"]),
+            )
         }
         counts = dict(
             self._db.execute(

@@ -77,7 +77,12 @@ def fold(state: JobState, event: JobEvent, *, new_unit: bool, pipeline: Pipeline
             if event.chunks_total is not None
             else state.chunks_total,
             parsed_sha256=event.parsed_sha256 or state.parsed_sha256,
-            language=event.language or state.language,
+            # A document's language is what its first batch says; others only fill a gap.
+            language=(
+                event.language
+                if event.language and event.batch_index == 0
+                else state.language or event.language
+            ),
         )
         if stage.units_done >= event.batch_count:
             stage = replace(stage, finished_at=stage.finished_at or event.at)
