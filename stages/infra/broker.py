@@ -1,22 +1,24 @@
 """The one place that connects to RabbitMQ, declares the topology and publishes with confirms.
 
-Used by the stage runtime and by the gateway (uploads, the job tracker, retries).
+Used by the stage runtime (which needs only what its `BrokerPort` protocol names,
+stages/runtime/ports.py) and by the gateway (uploads, the job tracker, retries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
-    HeadersType,
+    ConsumerTag,
 )
 from aiormq.exceptions import AMQPError
 
@@ -38,6 +40,23 @@ class PublishRejected(Transient):
     code = "pipeline_saturated"
 
 
+def routing_key_for(model: Publishable, routing_key: str | None) -> str:
+    """Where `publish` sends a model: a job event to its own key, a message to `routing_key`."""
+    if isinstance(model, JobEvent):
+        return model.routing_key
+    if routing_key is None:
+        raise ValueError(f"a {type(model).__name__} needs a routing key to be published")
+    return routing_key
+
+
+def message_id(model: Publishable, routing_key: str) -> str:
+    """The id a published model carries: the same unit of work always gets the same id."""
+    if isinstance(model, JobEvent):
+        return f"{model.job_id}.{model.stage}.{model.kind}.{model.batch_index}"
+    index, _, _ = model.unit()
+    return f"{model.job_id}.{routing_key}.{index}"
+
+
 async def declare(channel: AbstractChannel, topo: Topology) -> dict[str, AbstractQueue]:
     """Declare every exchange, queue and binding; safe to run from every process, every start."""
     return {q.name: await declare_queue(channel, topo, q.name) for q in topo.queues}
@@ -49,8 +68,10 @@ async def declare_queue(channel: AbstractChannel, topo: Topology, name: str) -> 
     Declared on a robust channel, the queue and its bindings are declared again after every
     reconnect, so a queue that vanished (deleted, or lost with its node) comes back.
     """
-    spec = next(q for q in topo.queues if q.name == name)
-    queue = await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
+    spec = topo.queue(name)
+    # aio-pika's FieldTable is invariant in its values; ours are plain ints and strings.
+    arguments: dict[str, Any] = spec.arguments.as_amqp()
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=arguments)
     if spec.exchange is not None:
         kind = next(e.type for e in topo.exchanges if e.name == spec.exchange)
         exchange = await channel.declare_exchange(spec.exchange, kind, durable=True)
@@ -62,7 +83,7 @@ async def declare_queue(channel: AbstractChannel, topo: Topology, name: str) -> 
 def amqp_message(
     body: bytes,
     *,
-    headers: HeadersType | None = None,
+    headers: Mapping[str, Any] | None = None,
     message_id: str | None = None,
     type_: str | None = None,
 ) -> aio_pika.Message:
@@ -139,14 +160,36 @@ class Broker:
         await channel.set_qos(prefetch_count=prefetch)
         return channel
 
-    async def publish(self, model: Publishable, *, headers: HeadersType | None = None) -> None:
-        """Publish a message or job event to the main exchange and wait for the broker's confirm."""
+    async def consume(
+        self,
+        queue: str,
+        prefetch: int,
+        on_delivery: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    ) -> _Consumer:
+        """Consume `queue` on a channel of its own with per-consumer `prefetch`."""
+        channel = await self.consumer_channel(prefetch)
+        # Declared (not just looked up) on the robust channel: if the broker cancels the
+        # consumer because the queue went away, recovery declares it again and re-consumes.
+        declared = await declare_queue(channel, self.topology, queue)
+        tag = await declared.consume(on_delivery)
+        return _Consumer(channel, declared, tag)
+
+    async def publish(
+        self,
+        model: Publishable,
+        routing_key: str | None = None,
+        *,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish a message (to `routing_key`: the next stage's input) or a job event (to its
+        own key) on the main exchange, and wait for the broker's confirm."""
+        key = routing_key_for(model, routing_key)
         await self.publish_raw(
             routing.exchange(self.settings.namespace),
-            model.routing_key,
+            key,
             model.model_dump_json().encode(),
             headers=headers,
-            message_id=_message_id(model),
+            message_id=message_id(model, key),
             type_=type(model).__name__,
         )
 
@@ -156,7 +199,7 @@ class Broker:
         routing_key: str,
         body: bytes,
         *,
-        headers: HeadersType | None = None,
+        headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
         type_: str | None = None,
     ) -> None:
@@ -184,11 +227,21 @@ class Broker:
             await self._connection.close()
 
 
-def _message_id(model: Publishable) -> str:
-    if isinstance(model, JobEvent):
-        return f"{model.job_id}.{model.stage}.{model.kind}.{model.batch_index}"
-    index, _, _ = model.unit()
-    return f"{model.job_id}.{model.routing_key}.{index}"
+class _Consumer:
+    """One consumer and the channel it holds (the runtime's `Consuming`)."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, tag: ConsumerTag) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        """Stop the broker handing out more messages to this consumer."""
+        await self._queue.cancel(self._tag)
+
+    async def close(self) -> None:
+        """Close the channel: whatever is still unacked goes back to the queue."""
+        await self._channel.close()
 
 
 def header_int(headers: Mapping[str, Any] | None, name: str, default: int) -> int:

@@ -1,0 +1,91 @@
+"""A delivery as the runtime reads it, once, before any layer or decision looks at it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from contracts.errors import Permanent
+from contracts.messages import Message
+from contracts.topology import ATTEMPT_HEADER
+from stages.infra.broker import header_int
+from stages.runtime.ports import Delivery
+
+if TYPE_CHECKING:
+    from stages.runtime.outcome import Outcome
+
+# Set by quorum queues on redelivery: how often the message was handed out and not settled.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+@dataclass
+class DeliveryContext:
+    """One delivery in hand: where it came from, what it carries, since when, and how it ended.
+
+    Exactly one of `msg` (the validated message) and `invalid` (why it did not validate) is set.
+    `settled` is written once, by `settle`, so no layer can settle a delivery twice.
+    """
+
+    stage: str
+    queue: str
+    delivery: Delivery
+    # Our own attempt counter (1 on first delivery); RabbitMQ 4.x no longer counts in x-death.
+    attempt: int
+    # How often the broker handed it out before without it being settled (a worker died).
+    deliveries: int
+    msg: Message | None
+    invalid: Permanent | None = None
+    started_s: float = field(default_factory=time.perf_counter)
+    settled: Outcome | None = None
+
+    @cached_property
+    def job_id(self) -> str | None:
+        """The job it belongs to, even when the body is broken but names one."""
+        return self.msg.job_id if self.msg else _peek(self.delivery.body, "job_id")
+
+    @cached_property
+    def document_id(self) -> str | None:
+        """The document it belongs to, even when the body is broken but names one."""
+        return self.msg.document_id if self.msg else _peek(self.delivery.body, "document_id")
+
+    def elapsed_s(self) -> float:
+        """Seconds since the delivery was taken in hand."""
+        return time.perf_counter() - self.started_s
+
+
+def read_delivery(
+    delivery: Delivery, stage: str, queue: str, model: type[Message]
+) -> DeliveryContext:
+    """Read the headers the runtime keeps and validate the body as `model`; never raises."""
+    headers = delivery.headers
+    attempt = header_int(headers, ATTEMPT_HEADER, 1)
+    deliveries = header_int(headers, DELIVERY_COUNT_HEADER, 0)
+    try:
+        msg = model.model_validate_json(delivery.body)
+    except ValidationError as exc:
+        invalid = Permanent(
+            f"{stage}: the message is not a valid {model.__name__}: {_first_error(exc)}",
+            code="invalid_message",
+        )
+        return DeliveryContext(stage, queue, delivery, attempt, deliveries, None, invalid)
+    return DeliveryContext(stage, queue, delivery, attempt, deliveries, msg)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def _peek(body: bytes, name: str) -> str | None:
+    """A string field of a JSON body that failed validation, if it has one."""
+    try:
+        value = json.loads(body).get(name)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -1,0 +1,134 @@
+"""The one settle point: an `Outcome` becomes broker actions, ending with ack or nack.
+
+Every branch acks only after what it publishes is confirmed (at-least-once). When the broker
+does not take a publish, the outcome is decided again (`when_settling_failed`) and that one
+is carried out instead: refused outputs wait in a retry tier, anything else is requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from contracts import events, routing
+from contracts.events import JobError, JobEvent
+from contracts.settings import Settings
+from contracts.topology import (
+    ATTEMPT_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    JOB_HEADER,
+    STAGE_HEADER,
+)
+from stages.infra.dead_letters import now_header
+from stages.runtime.outcome import (
+    DeadLetter,
+    Done,
+    Outcome,
+    Requeue,
+    Retry,
+    when_settling_failed,
+)
+from stages.runtime.ports import BrokerPort
+from stages.runtime.reading import DeliveryContext
+
+# Dead-letter reasons ride in a header; a whole traceback there helps nobody.
+_REASON_CHARS = 1000
+
+
+class Settler:
+    """Settles the deliveries of one stage on one broker."""
+
+    def __init__(self, broker: BrokerPort, settings: Settings, stage: str) -> None:
+        self.broker = broker
+        self.stage = stage
+        self.namespace = settings.namespace
+        self.first_delay_s = settings.stage(stage).retry_delays_s[0]
+        self.output_key = settings.pipeline.output_key(stage)
+        self.input_key = settings.pipeline.spec(stage).input_key
+
+    async def settle(self, ctx: DeliveryContext, outcome: Outcome) -> Outcome:
+        """Carry out `outcome` and ack, or nack with requeue; returns the outcome carried out."""
+        if ctx.settled is not None:
+            raise RuntimeError(f"{self.stage}: a delivery was settled twice ({ctx.settled})")
+        while not isinstance(outcome, Requeue):
+            try:
+                await self._publish(ctx, outcome)
+                await ctx.delivery.ack()
+                break
+            except Exception as exc:
+                outcome = when_settling_failed(outcome, exc, ctx, self.first_delay_s)
+        if isinstance(outcome, Requeue):
+            # A nack that fails means the channel is gone: the broker requeues it anyway.
+            with contextlib.suppress(Exception):
+                await ctx.delivery.nack(requeue=True)
+        ctx.settled = outcome
+        return outcome
+
+    async def _publish(self, ctx: DeliveryContext, outcome: Done | Retry | DeadLetter) -> None:
+        """What `outcome` sends before the ack, each publish confirmed."""
+        if isinstance(outcome, Done):
+            # Confirmed together, in one round trip; the ack waits for both. A progress event
+            # confirmed beside outputs the broker refused only runs ahead of the retry that
+            # publishes them again (units count once).
+            await asyncio.gather(
+                *(self.broker.publish(out, self.output_key) for out in outcome.outputs),
+                self.broker.publish(outcome.event),
+            )
+        elif isinstance(outcome, Retry):
+            await self.broker.publish_raw(
+                "",
+                routing.retry_queue(self.namespace, self.stage, outcome.delay_s),
+                ctx.delivery.body,
+                headers={**_headers(ctx), ATTEMPT_HEADER: outcome.next_attempt},
+                message_id=ctx.delivery.message_id,
+            )
+        else:
+            await self._dead_letter(ctx, outcome)
+
+    async def _dead_letter(self, ctx: DeliveryContext, outcome: DeadLetter) -> None:
+        """The dead letter first, then the `failed` event: a job that shows `failed` can
+        always be replayed from its dead letters."""
+        await self.broker.publish_raw(
+            routing.dead_letter_exchange(self.namespace),
+            ctx.delivery.routing_key or self.input_key,
+            ctx.delivery.body,
+            headers={
+                **_headers(ctx),
+                STAGE_HEADER: self.stage,
+                ERROR_CODE_HEADER: outcome.code,
+                ERROR_HEADER: outcome.reason[:_REASON_CHARS],
+                ATTEMPT_HEADER: ctx.attempt,
+                JOB_HEADER: ctx.job_id or "",
+                **now_header(),
+            },
+            message_id=ctx.delivery.message_id,
+        )
+        event = self._failed_event(ctx, outcome)
+        if event is not None:
+            await self.broker.publish(event)
+
+    def _failed_event(self, ctx: DeliveryContext, outcome: DeadLetter) -> JobEvent | None:
+        """The event that fails the job, or None when the body names no job to fail."""
+        error = JobError(
+            stage=self.stage, code=outcome.code, message=outcome.reason, retryable=outcome.retryable
+        )
+        if ctx.msg is not None:
+            return events.failed(self.stage, ctx.msg, error, ctx.attempt)
+        if ctx.job_id and ctx.document_id:
+            # The body is broken, but if it names its job, that job must still end `failed`.
+            return JobEvent(
+                job_id=ctx.job_id,
+                document_id=ctx.document_id,
+                stage=self.stage,
+                kind="failed",
+                attempt=ctx.attempt,
+                error=error,
+            )
+        return None
+
+
+def _headers(ctx: DeliveryContext) -> dict[str, Any]:
+    """The delivery's own headers (trace context among them), carried on to where it goes."""
+    return dict(ctx.delivery.headers or {})
