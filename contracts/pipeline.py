@@ -2,7 +2,7 @@
 
 Everything else derives from this page: the broker topology (contracts/topology.py), each
 stage's settings (`SLUICE_<STAGE>_*`), the job statuses, the CLI's stage choices, what the
-web page shows (served by `GET /v1/pipeline/declaration`) and the compose services (a test
+web page shows (served by `GET /v1/config`) and the compose services (a test
 checks them). `SLUICE_STAGES` picks the stages in order; `SLUICE_STAGE_MODULES` adds stage
 modules from outside Sluice, whose `STAGE.spec` is a `StageSpec` like the built-in ones.
 
@@ -229,7 +229,10 @@ def build(stages: str, stage_modules: str = "") -> Pipeline:
             f"SLUICE_STAGES names unknown stage(s) {', '.join(unknown)}: use "
             f"{', '.join(modules)}, or plug one in with SLUICE_STAGE_MODULES=name=package.module"
         )
-    specs = tuple(BUILTIN[n] if n not in plugins else _load_spec(n, plugins[n]) for n in names)
+    # Every plug-in is imported, named in SLUICE_STAGES or not: a module that does not
+    # import is a mistake to report at start-up, not when someone first turns it on.
+    plugged = {name: _load_spec(name, module) for name, module in plugins.items()}
+    specs = tuple(plugged.get(n) or BUILTIN[n] for n in names)
     pipeline = Pipeline(specs, MappingProxyType(modules))
     _check_chain(pipeline)
     return pipeline

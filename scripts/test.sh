@@ -41,5 +41,6 @@ run_step "system packages" ensure_packages
 run_step "ruff check" .venv/bin/ruff check .
 run_step "ruff format --check" .venv/bin/ruff format --check .
 run_step "mypy" .venv/bin/mypy
+run_step "import-linter" .venv/bin/lint-imports
 run_step "pytest" .venv/bin/pytest "$@"
 echo "==> all steps passed"

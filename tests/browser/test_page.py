@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium against a real gateway and pipeline: files dropped
 on the page reach `indexed` live, rejections and failures show their reasons, Retry resumes a
-failed job, search highlights the query, filters survive a reload, and API keys are asked for.
+failed job, search highlights the query, filters survive a reload, the stages shown come from
+the gateway's config, and API keys are asked for.
 
 Screenshots of each state go to test-artifacts/browser/ (git-ignored) for a person to look at.
 """
@@ -39,6 +40,7 @@ from playwright.async_api import (
     FilePayload,
     Locator,
     Page,
+    Route,
     async_playwright,
     expect,
 )
@@ -289,6 +291,7 @@ async def test_dropped_and_picked_files_each_reach_indexed_live(
     await expect(live_row(page, "terns.pdf").locator(".count")).to_have_text(
         re.compile(r"^\d+ chunks, 2 pages$")
     )
+    await expect(live_row(page, "terns.pdf").locator("progress")).to_have_js_property("value", 1)
     await snap(page, "02-uploads-indexed")
     # Progress came from the event streams, not from polling the job.
     assert seen["streams"] >= 3 and seen["polls"] == 0, seen
@@ -430,6 +433,76 @@ async def test_jobs_view_keeps_its_filters_across_a_reload(page: Page, sluice: P
     await page.goto(f"{sluice.url}/?stalled=true&collection={collection}")
     await expect(page.locator("#jobs-message")).to_have_text("No jobs match these filters.")
     await expect(page.locator("#filter-stalled")).to_have_value("true")
+
+
+def listed_job(status: str, **extra: Any) -> dict[str, Any]:
+    """A job as `GET /v1/jobs` lists it, for a page whose API answers are scripted."""
+    return {
+        "job_id": uuid.uuid4().hex,
+        "document_id": uuid.uuid4().hex,
+        "collection": "default",
+        "filename": f"{status}.md",
+        "status": status,
+        "progress": {"pages": None, "chunks_total": 6, "chunks_embedded": 0, "chunks_indexed": 0},
+        "error": None,
+        "stalled": False,
+        "trace_id": None,
+        "updated_at": "2024-05-01T12:00:00Z",
+        **extra,
+    }
+
+
+async def test_the_page_takes_the_stages_from_the_config(page: Page, sluice: Pipeline) -> None:
+    """A pipeline the page has never seen (enrich on): its statuses come from /v1/config, and
+    the progress bar gives each configured stage an equal share."""
+    async with httpx.AsyncClient(base_url=sluice.url) as api:
+        real = (await api.get("/v1/config")).json()
+    assert real["stages"] == [
+        {"name": "parse", "status": "parsing"},
+        {"name": "chunk", "status": "chunking"},
+        {"name": "embed", "status": "embedding"},
+        {"name": "index", "status": "indexing"},
+    ]
+    assert real["statuses"] == [
+        "queued",
+        "parsing",
+        "chunking",
+        "embedding",
+        "indexing",
+        "indexed",
+        "failed",
+    ]
+    stages = [*real["stages"][:2], {"name": "enrich", "status": "enriching"}, *real["stages"][2:]]
+    statuses = ["queued", *(s["status"] for s in stages), "indexed", "failed"]
+    failure = {"stage": "enrich", "code": "no_text", "message": "no words", "retryable": False}
+    embedding = {"pages": None, "chunks_total": 6, "chunks_embedded": 3, "chunks_indexed": 0}
+    jobs = [
+        listed_job("enriching"),
+        listed_job("embedding", progress=embedding),
+        listed_job("failed", error=failure),
+        listed_job("queued"),
+    ]
+
+    async def scripted_config(route: Route) -> None:
+        await route.fulfill(json={**real, "stages": stages, "statuses": statuses})
+
+    async def scripted_jobs(route: Route) -> None:
+        await route.fulfill(json={"jobs": jobs, "next_cursor": None})
+
+    await page.route(re.compile(r"/v1/config$"), scripted_config)
+    await page.route(re.compile(r"/v1/jobs\?"), scripted_jobs)
+    await page.goto(f"{sluice.url}/?status=enriching")
+    rows = page.locator("#jobs-rows tr")
+    await expect(rows).to_have_count(len(jobs))
+    # The filter offers the configured statuses, and the URL's choice among them survives.
+    await expect(page.locator("#filter-status option")).to_have_text(["any", *statuses])
+    await expect(page.locator("#filter-status")).to_have_value("enriching")
+    await expect(rows.nth(1).locator(".count")).to_have_text("3 / 6 chunks embedded")
+    await expect(rows.nth(2).locator(".error")).to_contain_text("Failed in enrich:")
+    values = await rows.locator("progress").evaluate_all("(bars) => bars.map((b) => b.value)")
+    # Five stages of a fifth each: enrich starts at 2/5; embed at 3/5, half its chunks done.
+    assert values == pytest.approx([2 / 5, 3 / 5 + 1 / 10, 2 / 5, 0])
+    await snap(page, "07b-stages-from-config")
 
 
 async def test_keyboard_reaches_the_file_button_and_search_with_a_visible_focus_ring(

@@ -1,16 +1,21 @@
-"""compose.yaml runs the same stack as `sluice up`: broker, tracing, gateway and every stage."""
+"""compose.yaml runs the same stack as `sluice up`: broker, tracing, gateway and every stage of
+the pipeline declaration (contracts/pipeline.py), so a stage added there shows up here too."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES, build
+
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "compose.yaml"
-STAGES = ("parse", "chunk", "embed", "index")
 INFRA = {"rabbitmq", "jaeger"}
+# Built-in stages that plain `docker compose up` leaves out (enrich): each behind its profile.
+OPTIONAL = tuple(name for name in BUILTIN if name not in DEFAULT_STAGE_NAMES)
 
 
 def _services() -> dict[str, dict[str, Any]]:
@@ -24,23 +29,73 @@ def _command(service: dict[str, Any]) -> str:
     return " ".join(command) if isinstance(command, list) else str(command)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_stage_has_a_service(stage: str) -> None:
-    """Each stage runs as its own service with `sluice stage NAME`."""
-    commands = [_command(s) for s in _services().values()]
-    assert any(f"sluice stage {stage}" in c for c in commands), commands
+def _stage_service(stage: str) -> dict[str, Any]:
+    """The one service that runs `sluice stage NAME`; it bears the stage's name."""
+    running = {n: s for n, s in _services().items() if _command(s) == f"sluice stage {stage}"}
+    assert list(running) == [stage], f"services running `sluice stage {stage}`: {list(running)}"
+    return running[stage]
+
+
+def _apps() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in _services().items() if name not in INFRA}
+
+
+def test_optional_stages_exist() -> None:
+    """The declaration has an optional stage, so the profile checks below check something."""
+    assert "enrich" in OPTIONAL
+
+
+@pytest.mark.parametrize("stage", list(BUILTIN))
+def test_every_declared_stage_has_a_service(stage: str) -> None:
+    """Each built-in stage runs as its own service, named for its stage, traced as such."""
+    service = _stage_service(stage)
+    assert service["environment"]["OTEL_SERVICE_NAME"] == f"sluice-{stage}"
+
+
+@pytest.mark.parametrize("stage", DEFAULT_STAGE_NAMES)
+def test_default_stages_run_without_a_profile(stage: str) -> None:
+    """Plain `docker compose up` runs the whole default pipeline."""
+    assert not _stage_service(stage).get("profiles"), stage
+
+
+@pytest.mark.parametrize("stage", OPTIONAL)
+def test_optional_stages_wait_for_their_profile(stage: str) -> None:
+    """An optional stage runs only with `--profile NAME`, which the file says how to use."""
+    assert _stage_service(stage).get("profiles") == [stage]
+    text = COMPOSE_FILE.read_text()
+    match = re.search(rf"SLUICE_STAGES=(\S+) docker compose --profile {stage} up", text)
+    assert match, f"compose.yaml does not say how to turn {stage} on"
+    # The pipeline the comment gives is one that runs, with the stage in it.
+    assert stage in build(match[1]).names
+
+
+def test_no_service_runs_an_undeclared_stage() -> None:
+    """A stage removed from the declaration leaves no service behind."""
+    for name, service in _services().items():
+        command = _command(service)
+        if command.startswith("sluice stage "):
+            assert command.removeprefix("sluice stage ") in BUILTIN, name
+
+
+def test_every_app_service_reads_the_same_pipeline() -> None:
+    """SLUICE_STAGES reaches the gateway and every stage, defaulting to the declared pipeline."""
+    apps = _apps()
+    assert apps.keys() >= {"gateway", *BUILTIN}
+    for name, service in apps.items():
+        stages = service["environment"].get("SLUICE_STAGES")
+        assert stages == f"${{SLUICE_STAGES:-{DEFAULT_STAGES}}}", name
 
 
 def test_gateway_runs_the_gateway() -> None:
     """The gateway service runs `sluice gateway`."""
-    assert "sluice gateway" in _command(_services()["gateway"])
+    gateway = _services()["gateway"]
+    assert _command(gateway) == "sluice gateway"
+    assert gateway["environment"]["OTEL_SERVICE_NAME"] == "sluice-gateway"
 
 
 def test_app_services_wait_for_a_healthy_broker() -> None:
     """Every app service starts only once RabbitMQ reports healthy."""
-    apps = {name: s for name, s in _services().items() if name not in INFRA}
-    assert apps.keys() >= {"gateway", *STAGES}
-    for name, service in apps.items():
+    for name, service in _apps().items():
         depends = service.get("depends_on", {})
         assert isinstance(depends, dict), f"{name}: depends_on must use the long form"
         assert depends.get("rabbitmq", {}).get("condition") == "service_healthy", name

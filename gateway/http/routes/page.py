@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -54,8 +55,9 @@ async def static(name: str) -> FileResponse:
 
 
 @router.get("/v1/config")
-async def config(services: ServicesDep, request: Request) -> dict[str, str | bool | None]:
-    """What the page needs to know: whether a key is required, and the operator UIs' links.
+async def config(services: ServicesDep, request: Request) -> dict[str, Any]:
+    """What the page needs to know: whether a key is required, the operator UIs' links, and
+    the pipeline's stages and statuses in order (so the page hard-codes none of them).
 
     Open to every caller, so the page can tell whether to ask for a key; the links (internal
     addresses) are only given to a caller whose key is valid, and the keys never.
@@ -66,9 +68,12 @@ async def config(services: ServicesDep, request: Request) -> dict[str, str | boo
     except ApiError:
         authorized = False
     settings = services.settings
+    pipeline = settings.pipeline
     return {
         "auth_required": bool(services.api_keys),
         "authorized": authorized,
         "jaeger_ui_url": settings.jaeger_ui_url if authorized else None,
         "rabbitmq_ui_url": settings.rabbitmq_ui_url if authorized else None,
+        "stages": [{"name": s.name, "status": s.status} for s in pipeline.stages],
+        "statuses": list(pipeline.statuses),
     }

@@ -10,15 +10,26 @@ const SLOTS = 4;
 const SLICE_MS = 15_000;
 const KEY_STORE = "sluice.apiKey";
 const TERMINAL = new Set(["indexed", "failed"]);
-const STATUS_OF_STAGE = { parse: "parsing", chunk: "chunking", embed: "embedding", index: "indexing" };
-// Rough share of the work done when a job enters each status (for the progress bar).
-const START_OF = { queued: 0, parsing: 0.05, chunking: 0.2, embedding: 0.3, indexing: 0.7, indexed: 1 };
+// Stages whose progress a job counts in chunks (the API's progress fields), and the word for it.
+const CHUNK_PROGRESS = {
+  embed: { field: "chunks_embedded", done: "embedded" },
+  index: { field: "chunks_indexed", done: "indexed" },
+};
 const STOP_WORDS = new Set(
   "the and for are but not you all any can had her was one our out has his how its may who did yet from that this with have into than then them they what when where which while will your been were".split(" "),
 );
 
 const $ = (id) => document.getElementById(id);
-let config = { auth_required: false, jaeger_ui_url: null, rabbitmq_ui_url: null };
+// The pipeline's stages and statuses come with the config, so an added stage shows up here.
+let config = {
+  auth_required: false,
+  jaeger_ui_url: null,
+  rabbitmq_ui_url: null,
+  stages: [],
+  statuses: [],
+};
+// A stage's job status → the stage, with its share of the progress bar (from `config.stages`).
+let stageAt = new Map();
 
 // ---- small helpers ------------------------------------------------------------------
 
@@ -158,7 +169,27 @@ async function loadConfig() {
   } catch {
     // The page still works without the operator links.
   }
+  stageAt = stagesByStatus(config.stages ?? []);
   renderToolLinks();
+  renderStatusFilter();
+}
+
+/** Each job status of a stage → the stage and its part of the progress bar: an equal share. */
+function stagesByStatus(stages) {
+  const share = 1 / Math.max(stages.length, 1);
+  return new Map(stages.map((stage, i) => [stage.status, { ...stage, start: i * share, share }]));
+}
+
+/** The jobs filter offers this pipeline's statuses, keeping the one chosen. */
+function renderStatusFilter() {
+  if (!config.statuses?.length) return;
+  const select = $("filter-status");
+  const chosen = select.value;
+  select.replaceChildren(
+    el("option", { value: "", textContent: "any" }),
+    ...config.statuses.map((status) => el("option", { textContent: status })),
+  );
+  select.value = chosen;
 }
 
 function renderToolLinks() {
@@ -254,19 +285,27 @@ async function follow(row) {
 
 // ---- rendering a job (shared by the live rows and the jobs list) --------------------
 
+/** The stage a job is in, or failed in; undefined while queued or once indexed. */
+function stageOfJob(job) {
+  if (job.status !== "failed") return stageAt.get(job.status);
+  return [...stageAt.values()].find((stage) => stage.name === job.error?.stage);
+}
+
+/** How far along the bar a job is: the stages it passed, and its chunks in a counting stage. */
 function fraction(job) {
-  const status = job.status === "failed" ? STATUS_OF_STAGE[job.error?.stage] : job.status;
-  const { chunks_total: total, chunks_embedded: embedded, chunks_indexed: indexed } = job.progress;
-  if (status === "embedding" && total) return START_OF.embedding + 0.4 * (embedded / total);
-  if (status === "indexing" && total) return START_OF.indexing + 0.3 * (indexed / total);
-  return START_OF[status] ?? 0;
+  if (job.status === "indexed") return 1;
+  const stage = stageOfJob(job);
+  if (!stage) return 0;
+  const counted = CHUNK_PROGRESS[stage.name];
+  const total = job.progress.chunks_total;
+  const done = counted && total ? job.progress[counted.field] / total : 0;
+  return stage.start + stage.share * Math.min(done, 1);
 }
 
 function countText(job) {
-  const { chunks_total: total, chunks_embedded: embedded, chunks_indexed: indexed, pages } =
-    job.progress;
-  if (job.status === "embedding" && total) return `${embedded} / ${total} chunks embedded`;
-  if (job.status === "indexing" && total) return `${indexed} / ${total} chunks indexed`;
+  const { chunks_total: total, pages } = job.progress;
+  const counted = CHUNK_PROGRESS[stageAt.get(job.status)?.name];
+  if (counted && total) return `${job.progress[counted.field]} / ${total} chunks ${counted.done}`;
   if (job.status === "indexed" && total !== null) {
     const chunks = plural(total, "chunk");
     return pages ? `${chunks}, ${plural(pages, "page")}` : chunks;
@@ -619,6 +658,7 @@ async function search(event) {
 wireUploads();
 wireJobs();
 $("search-form").addEventListener("submit", search);
-filtersFromUrl();
+// The status filter's options come with the config, so the URL's filters are read after it.
 await loadConfig();
+filtersFromUrl();
 loadJobs();
