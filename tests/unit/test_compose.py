@@ -14,6 +14,8 @@ from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES, bui
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "compose.yaml"
 INFRA = {"rabbitmq", "jaeger"}
+# Its own stack with its own backends, checked by test_compose_scale_out.py.
+SCALE_OUT = "scale-out"
 # Built-in stages that plain `docker compose up` leaves out (enrich): each behind its profile.
 OPTIONAL = tuple(name for name in BUILTIN if name not in DEFAULT_STAGE_NAMES)
 
@@ -21,7 +23,7 @@ OPTIONAL = tuple(name for name in BUILTIN if name not in DEFAULT_STAGE_NAMES)
 def _services() -> dict[str, dict[str, Any]]:
     data = yaml.safe_load(COMPOSE_FILE.read_text())
     services: dict[str, dict[str, Any]] = data["services"]
-    return services
+    return {n: s for n, s in services.items() if SCALE_OUT not in s.get("profiles", [])}
 
 
 def _command(service: dict[str, Any]) -> str:
