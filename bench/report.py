@@ -13,6 +13,7 @@ from bench.inrequest import InRequest
 from bench.overhead import Overhead
 from bench.prepare import Prepared
 from bench.raw_model import RawModel
+from bench.search_latency import SearchLatency
 from bench.sluice_run import EndToEnd, Saturated
 
 # The targets of the issue ("Fast: ..."): each check is measured value → met or not.
@@ -37,6 +38,8 @@ class Results:
     celery: CeleryRun | None = None
     overhead: Overhead | None = None
     saturated: Saturated | None = None
+    # Per vector index backend: search latency at a size (bench/search_latency.py).
+    search: dict[str, SearchLatency] | None = None
     # In-process handler time of the stages that take chunk batches (enrich, embed).
     chunk_rates: dict[str, ChunkRate] | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
@@ -219,6 +222,17 @@ def rows(r: Results) -> list[Row]:
                 f"{s.burst.uploads + s.uploads} indexed by then",
             )
         )
+    for latency in (r.search or {}).values():
+        out.append(
+            Row(
+                "8",
+                f"Index search latency at {latency.chunks:,} chunks, {latency.backend}",
+                f"p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms (k 5, "
+                f"{latency.queries} queries; {latency.index}; recall@5 {latency.recall:.2f} on "
+                f"random vectors; filled in {latency.fill_s:.0f} s, built in "
+                f"{latency.build_s:.0f} s)",
+            )
+        )
     return out
 
 
@@ -343,6 +357,8 @@ def as_json(r: Results) -> dict[str, Any]:
         }
     if r.saturated is not None:
         out["saturated"] = asdict(r.saturated)
+    if r.search is not None:
+        out["search"] = {backend: asdict(latency) for backend, latency in r.search.items()}
     return out
 
 

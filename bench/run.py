@@ -26,9 +26,10 @@ from bench.overhead import overhead
 from bench.prepare import prepare
 from bench.raw_model import measure
 from bench.report import Results, markdown, write
+from bench.search_latency import search_latency
 from bench.sluice_run import end_to_end, saturated
 
-PHASES = ("raw", "enrich", "sluice", "inrequest", "celery", "overhead", "saturated")
+PHASES = ("raw", "enrich", "sluice", "inrequest", "celery", "overhead", "saturated", "search")
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
 
@@ -71,6 +72,9 @@ def main() -> None:
     )
     ap.add_argument("--backlog", type=int, default=5000, help="documents queued in phase 7")
     ap.add_argument("--window-s", type=float, default=60.0, help="memory window after uploads")
+    ap.add_argument(
+        "--search-chunks", type=int, default=100_000, help="vectors in each index, search phase"
+    )
     ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     ap.add_argument("--deadline-s", type=float, default=1200.0, help="give up on a phase after")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -160,6 +164,8 @@ def main() -> None:
                     window_s=args.window_s,
                 ),
             )
+        if "search" in phases:
+            r.search = timed(r, "search", lambda: search_latency(args.search_chunks))
     r.load_after = load_average()
     r.total_s = time.monotonic() - started
     write(r, args.out)

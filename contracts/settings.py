@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
     namespace: str = Field("sluice", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
     data_dir: Path = Path("./data")
+    # Scale-out backends, chosen by URL (unset: the embedded ones under `data_dir`):
+    # `postgresql://...` (any libpq URL) for the job store and the pgvector index,
+    # `s3://bucket/prefix` for blobs (endpoint and credentials from the standard AWS_* variables).
+    job_store_url: str | None = None
+    index_url: str | None = None
+    blob_store_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 104_857_600
@@ -166,6 +172,9 @@ class Settings(BaseSettings):
     transient_retries: int = Field(2, ge=0)
     # A job with no event for this long is flagged `stalled`.
     stalled_after_s: float = Field(600.0, gt=0)
+    # A job recorded but not confirmed by the broker for this long (its gateway died between
+    # the two) is published again by whichever gateway claims it first.
+    republish_after_s: float = Field(30.0, gt=0)
     # Without API keys the gateway only listens on loopback, unless this says otherwise.
     allow_open: bool = False
 

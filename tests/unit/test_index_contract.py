@@ -1,0 +1,321 @@
+"""One body of tests for every `VectorIndex`: LanceDB and PostgreSQL + pgvector must both pass
+each of them (the same tests, real implementations). Vectors are small and made by hand, so
+every expected score is known."""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psycopg
+import pytest
+from postgres import PostgresHandle
+
+from contracts.errors import Transient
+from contracts.messages import EmbeddedBatch, EmbeddedChunk
+from stages.backends.lance_index import LanceIndex
+from stages.backends.pg_index import PgVectorIndex
+from stages.backends.protocols import VectorIndex
+from stages.builtin.index import write
+
+DIMENSIONS = 8
+
+
+@pytest.fixture(params=["lancedb", "pgvector"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorIndex]:
+    """Each implementation in turn, empty."""
+    if request.param == "lancedb":
+        yield LanceIndex(tmp_path / "index")
+        return
+    postgres: PostgresHandle = request.getfixturevalue("postgres")
+    pg = PgVectorIndex(postgres.database())
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def at_angle(degrees: float, dimensions: int = DIMENSIONS) -> list[float]:
+    """A unit vector in the plane of the first two axes: its cosine with `at_angle(0)` is
+    cos(degrees)."""
+    radians = math.radians(degrees)
+    return [math.cos(radians), math.sin(radians)] + [0.0] * (dimensions - 2)
+
+
+def chunk(
+    chunk_id: str,
+    vector: Sequence[float] | None = None,
+    *,
+    text: str | None = None,
+    keywords: list[str] | None = None,
+) -> EmbeddedChunk:
+    """A chunk; its index is the number in its id, its text names it unless given."""
+    return EmbeddedChunk(
+        chunk_id=chunk_id,
+        chunk_index=int("".join(ch for ch in chunk_id if ch.isdigit()) or 0),
+        text=text or f"text of {chunk_id}",
+        page=1,
+        heading="Heading",
+        keywords=keywords,
+        vector=list(vector if vector is not None else at_angle(0)),
+    )
+
+
+def batch(
+    chunks: list[EmbeddedChunk],
+    *,
+    index: int = 0,
+    count: int = 1,
+    job: str = "j1",
+    document: str = "d1",
+    collection: str = "default",
+) -> EmbeddedBatch:
+    """One batch of a document version (job)."""
+    return EmbeddedBatch(
+        job_id=job,
+        document_id=document,
+        collection=collection,
+        filename=f"{document}.pdf",
+        batch_index=index,
+        batch_count=count,
+        chunks_total=max(1, len(chunks)),
+        chunks=chunks,
+    )
+
+
+def test_a_redelivered_batch_is_stored_once_and_a_rewrite_replaces(index: VectorIndex) -> None:
+    first = batch([chunk("c0", at_angle(0)), chunk("c1", at_angle(90))])
+    index.upsert("default", [first])
+    index.upsert("default", [first])  # redelivered later
+    index.upsert("default", [first, first])  # and with its original, in one write
+    assert sorted(index.chunk_ids("default", "d1")) == ["c0", "c1"]
+    assert index.batches_done("default", "d1", "j1") == 1
+
+    index.upsert("default", [batch([chunk("c0", at_angle(90), text="rewritten")])])
+    hits = index.search("default", at_angle(90), k=5)
+    assert sorted(h.chunk_id for h in hits) == ["c0", "c1"]
+    assert {h.chunk_id: h.text for h in hits}["c0"] == "rewritten"
+    assert all(h.score == pytest.approx(1.0, abs=1e-5) for h in hits)
+
+
+def test_batches_done_counts_distinct_batches_an_empty_one_too(index: VectorIndex) -> None:
+    assert index.batches_done("default", "d1", "j1") == 0
+    index.upsert("default", [batch([chunk("c0")], index=0, count=3)])
+    index.upsert("default", [batch([], index=2, count=3)])  # a stage dropped every chunk
+    index.upsert("default", [batch([chunk("c0")], index=0, count=3)])  # redelivered
+    assert index.batches_done("default", "d1", "j1") == 2
+    index.upsert("default", [batch([chunk("c1")], index=1, count=3)])
+    assert index.batches_done("default", "d1", "j1") == 3
+    assert index.batches_done("default", "d1", "j2") == 0
+    assert index.batches_done("default", "d2", "j1") == 0
+
+
+def test_remove_other_versions_keeps_only_that_jobs_chunks_and_ledger(
+    index: VectorIndex,
+) -> None:
+    index.upsert("default", [batch([chunk("old0"), chunk("old1")], job="j1")])
+    index.upsert("default", [batch([chunk("other")], job="j1", document="d2")])
+    index.upsert("default", [batch([chunk("new0")], job="j2", count=2)])
+    index.upsert("default", [batch([], job="j2", index=1, count=2)])
+    index.remove_other_versions("default", "d1", "j2")
+    assert index.chunk_ids("default", "d1") == ["new0"]
+    assert index.batches_done("default", "d1", "j1") == 0
+    assert index.batches_done("default", "d1", "j2") == 2
+    # Another document's version with the same job id is not touched.
+    assert index.chunk_ids("default", "d2") == ["other"]
+    assert index.batches_done("default", "d2", "j1") == 1
+    index.remove_other_versions("default", "d1", "j2")  # again: nothing left to drop
+    assert index.chunk_ids("default", "d1") == ["new0"]
+
+
+def test_the_index_stage_swaps_a_version_once_every_batch_is_in(index: VectorIndex) -> None:
+    write(index, [batch([chunk("old0", at_angle(0))], job="j1")])
+    write(index, [batch([chunk("new0", at_angle(10))], job="j2", index=0, count=2)])
+    # The new version is not whole yet: the old one stays searchable.
+    assert sorted(index.chunk_ids("default", "d1")) == ["new0", "old0"]
+    write(index, [batch([chunk("new1", at_angle(20))], job="j2", index=1, count=2)])
+    assert sorted(index.chunk_ids("default", "d1")) == ["new0", "new1"]
+    assert [h.chunk_id for h in index.search("default", at_angle(0), k=5)] == ["new0", "new1"]
+
+
+def test_delete_document_drops_its_chunks_and_ledger_only(index: VectorIndex) -> None:
+    index.upsert("default", [batch([chunk("a0"), chunk("a1")], document="d1")])
+    index.upsert("default", [batch([chunk("b0")], document="d2")])
+    index.delete_document("default", "d1")
+    assert index.chunk_ids("default", "d1") == []
+    assert index.batches_done("default", "d1", "j1") == 0
+    assert index.chunk_ids("default", "d2") == ["b0"]
+    assert [h.chunk_id for h in index.search("default", at_angle(0), k=5)] == ["b0"]
+    index.delete_document("default", "missing")  # nothing to delete is not an error
+
+
+def test_search_ranks_by_cosine_similarity_best_first(index: VectorIndex) -> None:
+    angles = {"c0": 0, "c1": 30, "c2": 60, "c3": 90, "c4": 120, "c5": 180}
+    # Lengths other than one must not matter to a cosine score.
+    scaled = {cid: [x * (1 + i) for x in at_angle(a)] for i, (cid, a) in enumerate(angles.items())}
+    index.upsert("default", [batch([chunk(cid, v) for cid, v in reversed(scaled.items())])])
+    hits = index.search("default", at_angle(0), k=4)
+    assert [h.chunk_id for h in hits] == ["c0", "c1", "c2", "c3"]
+    for hit in hits:
+        assert hit.score == pytest.approx(math.cos(math.radians(angles[hit.chunk_id])), abs=1e-5)
+        assert round(hit.score, 6) == hit.score
+    best = hits[0]
+    assert (best.document_id, best.filename, best.chunk_index) == ("d1", "d1.pdf", 0)
+    assert (best.page, best.text) == (1, "text of c0")
+    everything = index.search("default", at_angle(180), k=10)
+    assert [h.chunk_id for h in everything] == ["c5", "c4", "c3", "c2", "c1", "c0"]
+    assert everything[-1].score == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_search_returns_k_hits_beyond_the_graphs_default_breadth(index: VectorIndex) -> None:
+    chunks = [chunk(f"c{i}", at_angle(i)) for i in range(60)]
+    index.upsert("default", [batch(chunks)])
+    hits = index.search("default", at_angle(0), k=50)
+    assert [h.chunk_id for h in hits] == [f"c{i}" for i in range(50)]
+
+
+def test_keywords_round_trip_and_absent_keywords_stay_none(index: VectorIndex) -> None:
+    index.upsert(
+        "default",
+        [
+            batch(
+                [
+                    chunk("c0", at_angle(0), keywords=["tern", "migration"]),
+                    chunk("c1", at_angle(1), keywords=None),
+                    chunk("c2", at_angle(2), keywords=[]),
+                ]
+            )
+        ],
+    )
+    keywords = {h.chunk_id: h.keywords for h in index.search("default", at_angle(0), k=3)}
+    assert keywords == {"c0": ("tern", "migration"), "c1": None, "c2": ()}
+
+
+def test_collections_are_isolated(index: VectorIndex) -> None:
+    # The same document and chunk ids in two collections are two documents.
+    index.upsert("papers", [batch([chunk("c0", at_angle(0), text="paper")], collection="papers")])
+    index.upsert("notes", [batch([chunk("c0", at_angle(5), text="note")], collection="notes")])
+    assert [h.text for h in index.search("papers", at_angle(0), k=5)] == ["paper"]
+    assert [h.text for h in index.search("notes", at_angle(0), k=5)] == ["note"]
+    index.delete_document("papers", "d1")
+    assert index.chunk_ids("papers", "d1") == []
+    assert index.batches_done("papers", "d1", "j1") == 0
+    assert index.chunk_ids("notes", "d1") == ["c0"]
+    assert index.batches_done("notes", "d1", "j1") == 1
+    assert index.search("unknown", at_angle(0), k=5) == []
+
+
+def test_collections_may_hold_vectors_of_different_dimensions(index: VectorIndex) -> None:
+    small = [chunk("c0", at_angle(0, 4)), chunk("c1", at_angle(45, 4))]
+    index.upsert("small", [batch(small, collection="small")])
+    index.upsert("wide", [batch([chunk("c0", at_angle(0, 16))], collection="wide")])
+    assert [h.chunk_id for h in index.search("small", at_angle(40, 4), k=5)] == ["c1", "c0"]
+    assert [h.chunk_id for h in index.search("wide", at_angle(0, 16), k=5)] == ["c0"]
+
+
+def test_chunk_ids_lists_every_chunk_of_a_document(index: VectorIndex) -> None:
+    assert index.chunk_ids("default", "d1") == []
+    index.upsert(
+        "default",
+        [
+            batch([chunk(f"c{i}") for i in range(3)], index=0, count=2),
+            batch([chunk(f"c{i}") for i in range(3, 5)], index=1, count=2),
+        ],
+    )
+    assert sorted(index.chunk_ids("default", "d1")) == [f"c{i}" for i in range(5)]
+    assert index.chunk_ids("default", "d2") == []
+
+
+# What only PostgreSQL has: several processes sharing one database, and a server to lose.
+
+
+def test_indexes_started_at_once_on_an_empty_database_all_come_up(
+    postgres: PostgresHandle,
+) -> None:
+    name = f"empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    url = postgres.url(name)  # no vector extension yet: the first index creates it
+    start = threading.Barrier(4)
+    opened: list[PgVectorIndex] = []
+    failed: list[BaseException] = []
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(PgVectorIndex(url))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(start.parties)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert failed == []
+        assert len(opened) == start.parties
+        assert {pg.schema_version for pg in opened} == {1}
+        opened[0].upsert("default", [batch([chunk("c0")])])
+        assert opened[-1].chunk_ids("default", "d1") == ["c0"]
+    finally:
+        for pg in opened:
+            pg.close()
+    with psycopg.connect(url) as db:
+        versions = db.execute("SELECT component, version FROM sluice_schema_versions").fetchall()
+    assert versions == [("index", 1)]
+
+
+def test_an_unreachable_database_is_a_transient_error_a_person_can_act_on(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://sluice:secret-password@/sluice?host={tmp_path}"
+    # A process that starts before its database still starts; its calls fail until it answers.
+    pg = PgVectorIndex(url, timeout_s=0.5)
+    try:
+        with pytest.raises(Transient) as raised:
+            pg.search("default", at_angle(0), k=5)
+    finally:
+        pg.close()
+    assert raised.value.code == "index_unavailable"
+    message = raised.value.message
+    assert "secret-password" not in message
+    assert "sluice on " in message and "SLUICE_INDEX_URL" in message
+
+
+def test_the_hnsw_index_answers_a_small_collection_among_a_big_one(
+    postgres: PostgresHandle,
+) -> None:
+    url = postgres.database()
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        # Tables this small are scanned, not searched through the graph, unless told not to.
+        admin.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET enable_seqscan = off").format(
+                psycopg.sql.Identifier(str(name))
+            )
+        )
+    pg = PgVectorIndex(url)
+    try:
+        big = [chunk(f"c{i}", at_angle(i / 2)) for i in range(300)]
+        pg.upsert("big", [batch(big, collection="big")])
+        small = [chunk(f"s{i}", at_angle(90 + i)) for i in range(3)]
+        pg.upsert("small", [batch(small, collection="small")])
+        with psycopg.connect(url) as db:
+            plan = db.execute(
+                "EXPLAIN SELECT chunk_id FROM sluice_chunks"
+                " WHERE collection = 'small' AND vector_dims(embedding) = 8"
+                " ORDER BY (embedding::vector(8)) <=> %s::vector(8) LIMIT 5",
+                (str(at_angle(0)),),
+            ).fetchall()
+        assert "sluice_chunks_embedding_8_hnsw" in " ".join(str(row[0]) for row in plan)
+        # The graph walk meets the big collection's chunks first; the scan goes on until the
+        # small one's are found.
+        assert [h.chunk_id for h in pg.search("small", at_angle(0), k=5)] == ["s0", "s1", "s2"]
+        hits = pg.search("big", at_angle(0), k=100)
+        assert [h.chunk_id for h in hits] == [f"c{i}" for i in range(100)]
+    finally:
+        pg.close()
