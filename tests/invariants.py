@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 from pipeline import Pipeline
 
-from stages.backends.lance_index import LanceIndex
+from stages.backends.factory import open_index
 from stages.infra.broker import Broker
-from stages.infra.dead_letters import DeadLetter, list_dead_letters
+from stages.infra.dead_letter_queue import DeadLetter, list_dead_letters
 
 
 async def dead_letters(pipeline: Pipeline) -> list[DeadLetter]:
@@ -38,7 +38,8 @@ async def assert_nothing_lost(
 ) -> list[dict[str, Any]]:
     """Check the invariant for these accepted jobs; returns their final JSON."""
     jobs = [(await api.get(f"/v1/jobs/{job_id}")).json() for job_id in job_ids]
-    index = LanceIndex(pipeline.data_dir / "index")
+    # Whatever index the pipeline runs on: LanceDB by default, pgvector when scaled out.
+    index = open_index(pipeline.settings())
     for job in jobs:
         assert job["status"] in ("indexed", "failed"), f"job ended {job['status']}: {job}"
         if job["status"] == "failed":

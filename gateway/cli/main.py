@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.errors import SluiceError
-from gateway.cli import dead_letters as dlq_cli
+from gateway.cli import dlq as dlq_cli
 
 if TYPE_CHECKING:
     from contracts.settings import Settings

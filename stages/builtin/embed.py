@@ -10,7 +10,7 @@ from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
 from contracts.settings import Settings
 from stages.backends.factory import make_embedder
 from stages.backends.protocols import Embedder, embedding_text
-from stages.infra import metrics
+from stages.infra import stage_metrics as metrics
 from stages.kit.batching import Coalescer
 from stages.stage import Stage
 

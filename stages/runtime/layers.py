@@ -15,7 +15,8 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from stages.infra import metrics, tracing
+from stages.infra import stage_metrics as metrics
+from stages.infra import tracing
 from stages.infra.logs import log_context
 from stages.runtime.outcome import DeadLetter, Done, Outcome, Requeue, Retry
 from stages.runtime.reading import DeliveryContext

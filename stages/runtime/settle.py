@@ -21,7 +21,7 @@ from contracts.topology import (
     JOB_HEADER,
     STAGE_HEADER,
 )
-from stages.infra.dead_letters import now_header
+from stages.infra.dead_letter_queue import now_header
 from stages.runtime.outcome import (
     DeadLetter,
     Done,

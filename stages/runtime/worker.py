@@ -11,7 +11,8 @@ from typing import Any
 
 from contracts.messages import StageName
 from contracts.settings import Settings
-from stages.infra import metrics, tracing
+from stages.infra import stage_metrics as metrics
+from stages.infra import tracing
 from stages.infra.broker import Broker
 from stages.infra.logs import configure_logging
 from stages.runtime.runner import StageRunner

@@ -16,7 +16,7 @@ from gateway.http.errors import ApiError
 from gateway.http.schemas import DeadLetterOut, DeadLetters, Job, ReplayAnswer, ReplayRequest
 from gateway.http.services import Access, AccessDep, Services, ServicesDep, require_api_key
 from gateway.http.uploads import RETRY_AFTER_S
-from stages.infra import dead_letters as dlq
+from stages.infra import dead_letter_queue as dlq
 from stages.infra.broker import PublishRejected
 
 router = APIRouter(prefix="/v1/dead-letters", dependencies=[Depends(require_api_key)])

@@ -16,7 +16,7 @@ from gateway.http.schemas import Job, JobPage, JobStatus
 from gateway.http.services import Access, AccessDep, ServicesDep, require_api_key
 from gateway.http.uploads import RETRY_AFTER_S, publish_upload
 from gateway.store.states import TERMINAL
-from stages.infra import dead_letters as dlq
+from stages.infra import dead_letter_queue as dlq
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_api_key)])
 _KEEPALIVE_S = 15.0
