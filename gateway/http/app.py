@@ -16,6 +16,7 @@ from gateway.http import errors
 from gateway.http.routes import dead_letters, documents, jobs, ops, page, search
 from gateway.http.services import Services, refuse_open_exposure
 from gateway.store.base import open_job_store
+from gateway.store.changes import open_change_feed
 from gateway.store.tracker import Tracker
 from stages.backends.factory import open_blob_store, open_index
 from stages.infra import tracing
@@ -65,6 +66,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.services = services
         tracker = Tracker(broker, services.store, services.changes)
+        # Changes folded by other gateways' trackers (a shared PostgreSQL store) wake this
+        # gateway's event streams too; with SQLite there are none.
+        feed = open_change_feed(settings, services.changes)
+        await feed.start()
 
         async def connect_and_track() -> None:
             await broker.connect(wait_s=math.inf)
@@ -80,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             connecting.cancel()
             await tracker.stop()
+            await feed.stop()
             await broker.close()
 
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan)

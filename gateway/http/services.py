@@ -119,7 +119,9 @@ def refuse_open_exposure(settings: Settings) -> None:
 
 
 class JobChanges:
-    """Wakes the live-event streams of a job when the tracker changed it."""
+    """Wakes the live-event streams of a job when it changed: the gateway's own tracker and
+    routes call it directly, the change feed (gateway/store/changes.py) for changes that
+    other gateways made."""
 
     def __init__(self) -> None:
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
@@ -128,6 +130,12 @@ class JobChanges:
         """A job changed."""
         for event in self._waiters.get(job_id, ()):
             event.set()
+
+    def notify_all(self) -> None:
+        """Changes may have been missed (the change feed reconnected): every stream looks again."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
         """Return when the job changes, or after `timeout_s` (another gateway may change it)."""

@@ -1,5 +1,11 @@
 """Accepting an upload: stage and check the bytes, store them, record the job, publish with
-confirms — and answer 202 only once the broker has confirmed the job's first message."""
+confirms — and answer 202 only once the broker has confirmed the job's first message.
+
+Crash-safe by design: the job is recorded unconfirmed before the publish and confirmed after
+it. A gateway that dies in between leaves an unconfirmed job, which any gateway's
+republisher (gateway/http/republisher.py) publishes again; a client retrying the same bytes
+meanwhile revives it here instead of being handed a dead job.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from fastapi import UploadFile
 from contracts.errors import Permanent, Transient
 from contracts.messages import DocumentUploaded
 from gateway.http.errors import ApiError
+from gateway.http.faults import fault_point
 from gateway.http.schemas import Job, UploadAnswer
 from gateway.http.services import Services
 from gateway.http.staging import stream_to_staging
@@ -80,8 +87,8 @@ async def accept(
             _duplicate_of, services, collection, sha256, idempotency_key, document_id
         )
         if duplicate is not None:
-            return 200, answer(duplicate, duplicate=True)
-        services.blobs.adopt(staged, sha256)
+            return 200, answer(await _revived(services, duplicate), duplicate=True)
+        await asyncio.to_thread(services.blobs.adopt, staged, sha256)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -97,15 +104,33 @@ async def accept(
         # The upload request's trace is the job's: a person goes from a job to its trace.
         trace_id=tracing.current_trace_id(),
     )
-    await asyncio.to_thread(services.store.create, job)
+    # Of concurrent uploads of the same thing (one key, or the same bytes) one creates the
+    # job; the store hands the others the winner's job, answered as a duplicate.
+    existing = await asyncio.to_thread(services.store.create, job)
+    if existing is not None:
+        return 200, answer(await _revived(services, existing), duplicate=True)
+    fault_point("after_job_recorded")
     try:
         await publish_upload(services, job)
     except BaseException:
+        # Refused or unconfirmed: the client is told to retry. A job another gateway has
+        # claimed for republishing meanwhile stays; the retry will find it alive.
         await asyncio.to_thread(services.store.forget, job.job_id)
         raise
+    await asyncio.to_thread(services.store.confirm, job.job_id)
     created = await asyncio.to_thread(services.store.get, job.job_id)
     assert created is not None
     return 202, answer(created)
+
+
+async def _revived(services: Services, job: Job) -> Job:
+    """A duplicate's job, published again first if its gateway died before the broker
+    confirmed it: the client who retries gets a job that will move, not a dead one."""
+    if await asyncio.to_thread(services.store.is_confirmed, job.job_id):
+        return job
+    await publish_upload(services, job)
+    await asyncio.to_thread(services.store.confirm, job.job_id)
+    return job
 
 
 def _duplicate_of(

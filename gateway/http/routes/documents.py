@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from contracts.messages import COLLECTION_PATTERN
-from gateway.http import upload_metrics as metrics
+from gateway.http import gateway_metrics as metrics
 from gateway.http.errors import ApiError
 from gateway.http.services import Access, AccessDep, Services, ServicesDep, require_api_key
 from gateway.http.uploads import accept

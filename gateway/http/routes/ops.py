@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from gateway.http import upload_metrics as metrics
+from gateway.http import gateway_metrics as metrics
 from gateway.http.errors import error_response
 from gateway.http.services import ServicesDep
 
