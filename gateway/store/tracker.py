@@ -11,6 +11,7 @@ from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
 
 from contracts import routing
+from contracts.errors import Transient
 from contracts.events import JobEvent
 from gateway.http.services import JobChanges
 from gateway.store.base import JobStore
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Events held unacked at once, and so the most folded into one store transaction.
 PREFETCH = 256
+# Waits before folding again while the job store is unavailable.
+STORE_RETRY_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class Tracker:
@@ -59,12 +62,29 @@ class Tracker:
         self._arrived.set()
 
     async def _fold_forever(self) -> None:
+        failures = 0
         while True:
             await self._arrived.wait()
             self._arrived.clear()
             deliveries, self._pending = self._pending, []
             try:
                 await self._fold(deliveries)
+                failures = 0
+            except Transient as exc:
+                # The store is briefly away (a PostgreSQL restart or failover): the events
+                # stay unacked and are folded again, with what arrives meanwhile, once it is
+                # back. Folding twice is harmless.
+                delay = STORE_RETRY_S[min(failures, len(STORE_RETRY_S) - 1)]
+                failures += 1
+                log.warning(
+                    "could not record %d job events, trying again in %.1f s: %s",
+                    len(deliveries),
+                    delay,
+                    exc,
+                )
+                self._pending[:0] = deliveries
+                await asyncio.sleep(delay)
+                self._arrived.set()
             except Exception:
                 # The events stay unacked and come back after a reconnect; the next ones
                 # must still be folded.
