@@ -53,6 +53,8 @@ class Job(BaseModel):
     trace_id: str | None = None
     # Not terminal and no event for longer than `stalled_after_s`: something may be stuck.
     stalled: bool = False
+    # The stage a stalled job is stuck in (waiting in its queue, or in hand), else null.
+    stalled_in: str | None = None
 
 
 class SearchHit(BaseModel):

@@ -61,7 +61,15 @@ def job_of(row: Row, stage_rows: Iterable[Row], pipeline: Pipeline, *, stalled: 
         trace_id=row["trace_id"],
         language=row["language"],
         stalled=stalled,
+        stalled_in=_stage_of_status(pipeline, row["status"]) if stalled else None,
     )
+
+
+def _stage_of_status(pipeline: Pipeline, status: str) -> str | None:
+    """The stage a job waits for or is in: the one whose status it has (`queued`: the first)."""
+    if status == "queued":
+        return pipeline.first.name
+    return next((s.name for s in pipeline.stages if s.status == status), None)
 
 
 def state_of(row: Row, stage_rows: Iterable[Row]) -> JobState:

@@ -310,6 +310,8 @@ def test_a_job_without_events_for_too_long_is_stalled(backend: Backend) -> None:
     # j1 has been queued 0.55 s with nothing picking it up; j2 ended; j3 moved 0.3 s ago.
     job = get(store, "j1")
     assert job.stalled and job.model_dump()["stalled"] is True
+    # Queued and never picked up: it is stuck waiting for the first stage.
+    assert job.stalled_in == "parse"
     assert [j.job_id for j in store.page(None, None, 10, None, stalled=True)[0]] == ["j1"]
     assert {j.job_id for j in store.page(None, None, 10, None, stalled=False)[0]} == {"j2", "j3"}
     job = get(store, "j2")
@@ -318,6 +320,11 @@ def test_a_job_without_events_for_too_long_is_stalled(backend: Backend) -> None:
     # Any event un-stalls a job.
     store.apply(event("parse", "started", "j1"))
     assert store.page(None, None, 10, None, stalled=True)[0] == []
+    assert get(store, "j1").stalled_in is None
+    # Stuck again, now in parse's hands: the report names the stage it is in.
+    clock.advance(0.6)
+    assert get(store, "j1").status == "parsing"
+    assert get(store, "j1").stalled_in == "parse"
 
 
 def test_documents_their_current_job_and_their_blobs(store: JobStore) -> None:
