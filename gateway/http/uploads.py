@@ -47,14 +47,14 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield piece
 
 
-def answer(job: Job, *, duplicate: bool = False) -> UploadAnswer:
-    """The upload answer for a job."""
+def answer(job: Job | NewJob, *, duplicate: bool = False) -> UploadAnswer:
+    """The upload answer for a job (a job just recorded is `queued`)."""
     return UploadAnswer(
         job_id=job.job_id,
         document_id=job.document_id,
         collection=job.collection,
         filename=job.filename,
-        status=job.status,
+        status=job.status if isinstance(job, Job) else "queued",
         status_url=f"/v1/jobs/{job.job_id}",
         duplicate=duplicate,
     )
@@ -85,6 +85,8 @@ async def accept(
         except Permanent as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise ApiError(status, exc.code, f"{filename}: {exc}") from exc
+        # A cheap look first, so a duplicate's bytes are never stored again (an upload to S3);
+        # `create` below decides for certain, atomically.
         duplicate = await asyncio.to_thread(
             _duplicate_of, services, collection, sha256, idempotency_key, document_id
         )
@@ -131,16 +133,8 @@ async def accept(
         # The broker has the job, so the answer is 202; left unconfirmed, it is only
         # published once more by a republisher, which costs work and never correctness.
         log.warning("job %s: published, but its confirmation was not recorded", job.job_id)
-    # Answered from what was recorded: a new job is queued, and the store need not answer
-    # once more before the client hears so.
-    return 202, UploadAnswer(
-        job_id=job.job_id,
-        document_id=job.document_id,
-        collection=job.collection,
-        filename=job.filename,
-        status="queued",
-        status_url=f"/v1/jobs/{job.job_id}",
-    )
+    # Answered from what was recorded: the store need not answer once more first.
+    return 202, answer(job)
 
 
 async def _revived(services: Services, job: Job) -> Job:

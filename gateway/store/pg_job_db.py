@@ -9,7 +9,6 @@ an application's own tables, where a bare `jobs` or `documents` could already ex
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ from contracts.errors import Transient
 from contracts.pipeline import FAILED, INDEXED, Pipeline
 from gateway.http.schemas import Job
 from gateway.store.job_rows import job_of
-from stages.backends.pg_schema import Step, migrate
+from stages.backends.pg_schema import SchemaOnce, Step, migrate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -128,8 +127,7 @@ class JobDatabase:
             name="sluice-jobs",
             open=True,
         )
-        self._schema_lock = threading.Lock()
-        self._schema_ready = False
+        self._schema = SchemaOnce()
         try:
             self._ensure_schema()
         except Transient as exc:
@@ -142,21 +140,17 @@ class JobDatabase:
         self._pool.close()
 
     def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        with self._schema_lock:
-            if self._schema_ready:
-                return
-            try:
-                self._connected(lambda conn: migrate(conn, COMPONENT, MIGRATIONS))
-            except psycopg.Error as exc:
-                raise Transient(
-                    f"Could not create the job store's tables in the PostgreSQL database "
-                    f"{self.where} ({reason(exc)}). Check that the user SLUICE_JOB_STORE_URL "
-                    "names may create tables there.",
-                    code="job_store_unavailable",
-                ) from exc
-            self._schema_ready = True
+        try:
+            self._schema.ensure(
+                lambda: self._connected(lambda conn: migrate(conn, COMPONENT, MIGRATIONS))
+            )
+        except psycopg.Error as exc:
+            raise Transient(
+                f"Could not create the job store's tables in the PostgreSQL database "
+                f"{self.where} ({reason(exc)}). Check that the user SLUICE_JOB_STORE_URL "
+                "names may create tables there.",
+                code="job_store_unavailable",
+            ) from exc
 
     def _connected(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`work` on a pooled connection; connection trouble becomes `Transient`."""

@@ -83,6 +83,11 @@ class LanceIndex:
                 return None
         return tables[name]
 
+    def _has_ledger(self) -> bool:
+        # Asked on every completion check: once this connection opened the ledger, the
+        # database need not be listed again.
+        return _LEDGER in self._tables or _LEDGER in self.db.list_tables().tables
+
     def _ledger(self) -> Any:
         db, tables = self.db, self._tables
         if _LEDGER not in tables:
@@ -147,7 +152,7 @@ class LanceIndex:
 
     def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
         """How many distinct batches of this version (job) of a document were written."""
-        if _LEDGER not in self.db.list_tables().tables:
+        if not self._has_ledger():
             return 0
         where = (
             f"collection = {_quote(collection)} AND document_id = {_quote(document_id)}"
@@ -177,7 +182,7 @@ class LanceIndex:
 
     def _forget_batches(self, collection: str, where: str) -> None:
         """Drop the ledger rows of versions whose chunks were just removed."""
-        if _LEDGER in self.db.list_tables().tables:
+        if self._has_ledger():
             self._ledger().delete(f"collection = {_quote(collection)} AND {where}")
 
     def chunk_ids(self, collection: str, document_id: str) -> list[str]:

@@ -17,7 +17,6 @@ query's dimension, which is what lets the planner use that dimension's index.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +28,7 @@ from psycopg_pool import ConnectionPool
 
 from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch
-from stages.backends.pg_schema import Step, lock_schema, migrate
+from stages.backends.pg_schema import SchemaOnce, Step, lock_schema, migrate
 from stages.backends.protocols import IndexHit
 
 log = logging.getLogger(__name__)
@@ -135,8 +134,7 @@ class PgVectorIndex:
         self._where = _describe(url)
         self._timeout_s = timeout_s
         self._indexed: set[int] = set()
-        self._schema_lock = threading.Lock()
-        self.schema_version = 0
+        self._schema = SchemaOnce()
         # Small: the index stage writes from a few threads, the gateway searches from a few.
         self._pool = ConnectionPool(
             url,
@@ -160,23 +158,26 @@ class PgVectorIndex:
         """Close the pool's connections."""
         self._pool.close()
 
+    @property
+    def schema_version(self) -> int:
+        """The index schema's version in the database (0 until it was made)."""
+        return self._schema.version
+
+    def _migrate(self) -> int:
+        with self._pooled() as conn:
+            return migrate(conn, COMPONENT, MIGRATIONS)
+
     def _ensure_schema(self) -> None:
-        if self.schema_version:
-            return
-        with self._schema_lock:
-            if self.schema_version:
-                return
-            try:
-                with self._pooled() as conn:
-                    self.schema_version = migrate(conn, COMPONENT, MIGRATIONS)
-            except psycopg.Error as exc:
-                raise Transient(
-                    f"Could not prepare the vector index in the PostgreSQL database "
-                    f"{self._where} ({_reason(exc)}). Check that the server has the pgvector "
-                    "extension (or that the user may create it) and that the user may create "
-                    "tables there.",
-                    code="index_unavailable",
-                ) from exc
+        try:
+            self._schema.ensure(self._migrate)
+        except psycopg.Error as exc:
+            raise Transient(
+                f"Could not prepare the vector index in the PostgreSQL database "
+                f"{self._where} ({_reason(exc)}). Check that the server has the pgvector "
+                "extension (or that the user may create it) and that the user may create "
+                "tables there.",
+                code="index_unavailable",
+            ) from exc
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:

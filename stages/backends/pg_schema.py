@@ -9,6 +9,7 @@ The versions live in `sluice_schema_versions`, one row per component.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,3 +68,23 @@ def schema_version(conn: psycopg.Connection[Any], component: str) -> int:
         "SELECT version FROM sluice_schema_versions WHERE component = %s", (component,)
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+class SchemaOnce:
+    """A component's schema, made the first time a process needs it and never again.
+
+    A process may start before its database answers: a failed attempt raises, and the next
+    call tries again. Threads that arrive together wait for one attempt.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.version = 0
+
+    def ensure(self, make: Callable[[], int]) -> int:
+        """Run `make` (connect and `migrate`) unless it already succeeded; the version."""
+        if not self.version:
+            with self._lock:
+                if not self.version:
+                    self.version = make()
+        return self.version
