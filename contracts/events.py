@@ -20,7 +20,8 @@ from contracts.messages import (
 # A stage name as events carry it (any stage of the pipeline, built-in or plugged in).
 StageField = Annotated[StageName, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,30}$")]
 
-EventKind = Literal["started", "progress", "failed"]
+# `retrying`: an attempt failed and the message waits in a retry tier (the job shows the error).
+EventKind = Literal["started", "progress", "retrying", "failed"]
 
 
 class JobError(BaseModel):
@@ -65,6 +66,37 @@ class JobEvent(BaseModel):
         return routing.job_event_key(self.stage, self.kind)
 
 
+class WorkerHeartbeat(BaseModel):
+    """What one stage process says of itself every few seconds (`worker.<stage>`), for
+    `GET /v1/pipeline` and `sluice status`. Counters run from the process's start."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = SCHEMA_VERSION
+    # `<host>:<pid>:<random>`: unique per process, stable for its life.
+    worker_id: str
+    stage: StageField
+    host: str
+    pid: int
+    sluice_version: str
+    started_at: datetime
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # How often this process sends one; a gateway calls it unhealthy after a few missed.
+    every_s: float
+    processed: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+    # Deliveries in hand per lane (taken, not yet settled), and the jobs they belong to.
+    in_hand: dict[str, int] = Field(default_factory=dict)
+    in_hand_jobs: list[str] = Field(default_factory=list)
+    # Sent once on a clean stop: the gateway forgets the worker instead of calling it dead.
+    stopping: bool = False
+
+    @property
+    def routing_key(self) -> str:
+        """`worker.<stage>`."""
+        return routing.heartbeat_key(self.stage)
+
+
 def started(stage: StageName, msg: Message, attempt: int) -> JobEvent:
     """A stage began work on a message."""
     index, count, chunks = msg.unit()
@@ -99,6 +131,22 @@ def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt
         chunks_total=total,
         parsed_sha256=parsed.parsed_sha256 if parsed else None,
         language=language,
+    )
+
+
+def retrying(stage: StageName, msg: Message, error: JobError, attempt: int) -> JobEvent:
+    """Attempt `attempt` failed; the message waits in a retry tier and will be tried again."""
+    index, count, chunks = msg.unit()
+    return JobEvent(
+        job_id=msg.job_id,
+        document_id=msg.document_id,
+        stage=stage,
+        kind="retrying",
+        attempt=attempt,
+        batch_index=index,
+        batch_count=count,
+        chunks=chunks,
+        error=error,
     )
 
 

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.routing import INTERACTIVE, Lane
+
 SCHEMA_VERSION: Literal[1] = 1
 # A stage's name: the built-in ones or a plug-in's (contracts/pipeline.py declares them).
 StageName = str
@@ -28,6 +30,8 @@ class Message(BaseModel):
     document_id: str
     collection: str = Field(pattern=COLLECTION_PATTERN)
     filename: str
+    # The lane the job's work travels in, at every stage (contracts/routing.py).
+    priority: Lane = INTERACTIVE
 
     def unit(self) -> tuple[int, int, int]:
         """(batch index, batch count, chunks) of this message within its document's work."""
@@ -40,6 +44,7 @@ class Message(BaseModel):
             "document_id": self.document_id,
             "collection": self.collection,
             "filename": self.filename,
+            "priority": self.priority,
         }
 
 
@@ -109,6 +114,17 @@ class EmbeddedBatch(_Batch):
     """A chunk batch with a vector per chunk."""
 
     chunks: list[EmbeddedChunk]
+
+
+class WebhookRequest(Message):
+    """A finished job's JSON to POST to the `callback_url` its upload named (the webhook
+    stage signs and sends it; the tracker publishes it when the job ends)."""
+
+    callback_url: str = Field(max_length=2048)
+    # The job as `GET /v1/jobs/{id}` answered when it ended.
+    job: dict[str, object]
+    # Which end of the job this is (a retried job ends again): receivers dedupe on it.
+    delivery_id: str
 
 
 class Section(BaseModel):

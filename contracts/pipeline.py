@@ -27,6 +27,7 @@ from contracts.messages import (
     DocumentUploaded,
     EmbeddedBatch,
     Message,
+    WebhookRequest,
 )
 
 if TYPE_CHECKING:
@@ -135,8 +136,27 @@ INDEX = StageSpec(
     metrics_port=9104,
 )
 
+# A side stage: not a step of a document's way to the index but a consumer with the same
+# runtime (lanes, retry tiers, dead letters, metrics): it POSTs a finished job to the
+# `callback_url` its upload named, so a slow receiver never holds a pipeline worker.
+WEBHOOK = StageSpec(
+    "webhook",
+    WebhookRequest,
+    None,
+    "webhook",
+    routing.WEBHOOK,
+    prefetch=16,
+    concurrency=16,
+    metrics_port=9106,
+    # A receiver that is down gets time to come back: about a day in all.
+    retry_delays_s=(5, 30, 300, 1800),
+    max_attempts=12,
+)
+# Side stages run in every deployment, beside the pipeline (`sluice up` starts them too).
+SIDE_STAGES: tuple[StageSpec, ...] = (WEBHOOK,)
+
 BUILTIN: MappingProxyType[str, StageSpec] = MappingProxyType(
-    {s.name: s for s in (PARSE, CHUNK, ENRICH, EMBED, INDEX)}
+    {s.name: s for s in (PARSE, CHUNK, ENRICH, EMBED, INDEX, *SIDE_STAGES)}
 )
 # Where each built-in stage's module lives (a name, not an import: contracts import nothing).
 BUILTIN_MODULES: MappingProxyType[str, str] = MappingProxyType(
@@ -153,6 +173,8 @@ class Pipeline:
 
     stages: tuple[StageSpec, ...]
     modules: MappingProxyType[str, str]
+    # Consumers beside the pipeline (the webhook stage): not steps of a job's status.
+    side: tuple[StageSpec, ...] = SIDE_STAGES
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -169,9 +191,14 @@ class Pipeline:
         """The stage that finishes a document (the index)."""
         return self.stages[-1]
 
+    @property
+    def processes(self) -> tuple[StageSpec, ...]:
+        """Every stage a deployment runs processes of: the pipeline's, then the side stages."""
+        return (*self.stages, *self.side)
+
     def spec(self, name: str) -> StageSpec:
-        """The declaration of one stage of this pipeline."""
-        for spec in self.stages:
+        """The declaration of one stage of this pipeline (or a side stage)."""
+        for spec in self.processes:
             if spec.name == name:
                 return spec
         raise PipelineError(
@@ -180,11 +207,13 @@ class Pipeline:
         )
 
     def has(self, name: str) -> bool:
-        """Whether a stage is part of this pipeline."""
+        """Whether a stage is part of this pipeline (side stages are not)."""
         return name in self.names
 
     def next_of(self, name: str) -> StageSpec | None:
-        """The stage after `name`, or None after the last one."""
+        """The stage after `name`, or None after the last one (and for a side stage)."""
+        if name not in self.names:
+            return None
         position = self.names.index(name)
         return self.stages[position + 1] if position + 1 < len(self.stages) else None
 
@@ -219,6 +248,12 @@ def build(stages: str, stage_modules: str = "") -> Pipeline:
     plugins = _plugin_modules(stage_modules)
     modules.update(plugins)
     names = [n.strip() for n in stages.split(",") if n.strip()]
+    side = [n for n in names if n in {s.name for s in SIDE_STAGES}]
+    if side:
+        raise PipelineError(
+            f"SLUICE_STAGES names {', '.join(side)}, which always runs beside the pipeline; "
+            "leave it out"
+        )
     if not names:
         raise PipelineError("SLUICE_STAGES is empty: name the stages in order, e.g. parse,chunk")
     if len(set(names)) != len(names):

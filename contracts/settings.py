@@ -175,6 +175,31 @@ class Settings(BaseSettings):
     # A job recorded but not confirmed by the broker for this long (its gateway died between
     # the two) is published again by whichever gateway claims it first.
     republish_after_s: float = Field(30.0, gt=0)
+    # Lanes (README "Lanes and fair share"): off sends all work through one FIFO queue per
+    # stage, as before lanes (for comparison; the job still records its priority).
+    lanes: bool = True
+    # The share of a busy worker's slots bulk work is guaranteed while interactive work waits.
+    bulk_share: float = Field(0.2, gt=0, le=1)
+    # Bulk documents admitted into the pipeline at once (all collections together); the rest
+    # wait in the job store and are admitted fairly, the collection with fewest in flight first.
+    bulk_in_flight: int = Field(16, ge=1)
+    # Interactive documents one collection may have in the pipeline before its further ones
+    # wait their turn like bulk work (so one tenant's flood cannot hold the others).
+    interactive_in_flight_per_collection: int = Field(32, ge=1)
+    # How often each stage process sends its heartbeat; a gateway calls a worker unhealthy
+    # after three missed.
+    heartbeat_every_s: float = Field(5.0, gt=0)
+
+    # Webhooks: the HMAC-SHA256 key `X-Sluice-Signature` is made with (unset: a random one is
+    # made once and kept in the data dir; set it when several machines send webhooks).
+    webhook_secret: str | None = None
+    # Callback targets on loopback or private networks are refused unless this is set.
+    webhook_allow_private: bool = False
+    # Per API key, the `callback_url` its uploads get when they name none: JSON
+    # `{"key": "https://..."}`.
+    key_callback_urls: dict[str, str] = Field(default_factory=dict)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
     # Without API keys the gateway only listens on loopback, unless this says otherwise.
     allow_open: bool = False
 
@@ -267,7 +292,7 @@ class Settings(BaseSettings):
     def check(self) -> Pipeline:
         """Everything that can be wrong before a process starts, raised as one usage error."""
         pipeline = self.pipeline
-        for name in pipeline.names:
+        for name in (s.name for s in pipeline.processes):
             tuned = self.stage(name)
             if tuned.prefetch < tuned.concurrency:
                 raise _usage(

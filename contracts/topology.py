@@ -77,9 +77,9 @@ class Topology:
         return next(q for q in self.queues if q.name == name)
 
 
-def binding_key(settings: Settings, stage: StageName) -> str:
-    """The routing key a stage consumes."""
-    return settings.pipeline.spec(stage).input_key
+def binding_key(settings: Settings, stage: StageName, lane: routing.Lane = "interactive") -> str:
+    """The routing key a stage's lane consumes."""
+    return routing.lane_key(settings.pipeline.spec(stage).input_key, lane)
 
 
 def topology(settings: Settings) -> Topology:
@@ -88,36 +88,39 @@ def topology(settings: Settings) -> Topology:
     main = routing.exchange(ns)
     dlx = routing.dead_letter_exchange(ns)
     queues: list[QueueSpec] = []
-    for spec in settings.pipeline.stages:
+    for spec in settings.pipeline.processes:
         tuned = settings.stage(spec.name)
-        stage_queue = routing.stage_queue(ns, spec.name)
-        queues.append(
-            QueueSpec(
-                name=stage_queue,
-                arguments=QueueArguments(
-                    queue_type="quorum",
-                    delivery_limit=tuned.delivery_limit,
-                    dead_letter_exchange=dlx,
-                    max_length=settings.queue_max_length,
-                    overflow="reject-publish",
-                ),
-                exchange=main,
-                binding_keys=(spec.input_key,),
-            )
-        )
-        for delay_s in tuned.retry_delays_s:
-            # A retry tier holds a message for its TTL, then dead-letters it straight back to
-            # the stage queue through the default exchange: no consumer ever sleeps.
+        # A queue per lane (no message priorities: 3.10's quorum queues have none), each
+        # with its own retry tiers, so a retried message comes back to its own lane.
+        for lane in routing.LANES:
+            stage_queue = routing.stage_queue(ns, spec.name, lane)
             queues.append(
                 QueueSpec(
-                    name=routing.retry_queue(ns, spec.name, delay_s),
+                    name=stage_queue,
                     arguments=QueueArguments(
-                        message_ttl_ms=delay_s * 1000,
-                        dead_letter_exchange="",
-                        dead_letter_routing_key=stage_queue,
+                        queue_type="quorum",
+                        delivery_limit=tuned.delivery_limit,
+                        dead_letter_exchange=dlx,
+                        max_length=settings.queue_max_length,
+                        overflow="reject-publish",
                     ),
+                    exchange=main,
+                    binding_keys=(routing.lane_key(spec.input_key, lane),),
                 )
             )
+            for delay_s in tuned.retry_delays_s:
+                # A retry tier holds a message for its TTL, then dead-letters it straight back
+                # to the stage queue through the default exchange: no consumer ever sleeps.
+                queues.append(
+                    QueueSpec(
+                        name=routing.retry_queue(ns, spec.name, delay_s, lane),
+                        arguments=QueueArguments(
+                            message_ttl_ms=delay_s * 1000,
+                            dead_letter_exchange="",
+                            dead_letter_routing_key=stage_queue,
+                        ),
+                    )
+                )
     queues.append(
         QueueSpec(
             # Classic, not quorum: finding one job's dead letters hands the others back, and a
