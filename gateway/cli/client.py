@@ -134,7 +134,9 @@ class SluiceClient:
         except httpx.TransportError as exc:
             raise GatewayUnreachable(self.base_url) from exc
 
-    async def upload(self, path: Path, collection: str = "default") -> Job:
+    async def upload(
+        self, path: Path, collection: str = "default", *, priority: str = "interactive"
+    ) -> Job:
         """Upload one file; the answer is the 202 (new job) or 200 (`duplicate: true`) body."""
         # Streamed from disk rather than read whole, so 100 MiB uploads keep memory flat.
         handle = await asyncio.to_thread(path.open, "rb")
@@ -143,7 +145,7 @@ class SluiceClient:
                 "POST",
                 "/v1/documents",
                 files={"file": (path.name, handle)},
-                data={"collection": collection},
+                data={"collection": collection, "priority": priority},
             )
         finally:
             handle.close()

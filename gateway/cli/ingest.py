@@ -183,14 +183,14 @@ class _Display:
 
 
 async def _upload(
-    client: SluiceClient, row: FileRow, collection: str, display: _Display
+    client: SluiceClient, row: FileRow, collection: str, priority: str, display: _Display
 ) -> Job | None:
     """Upload with bounded retries on 429/503 and on a gateway that is briefly away."""
     for attempt in range(1, _UPLOAD_TRIES + 1):
         row.status = "uploading"
         display.update(row)
         try:
-            return await client.upload(row.path, collection)
+            return await client.upload(row.path, collection, priority=priority)
         except ApiError as exc:
             if exc.status == 401:
                 raise
@@ -215,14 +215,19 @@ async def _upload(
 
 
 async def _ingest_all(
-    client: SluiceClient, rows: list[FileRow], collection: str, concurrency: int, display: _Display
+    client: SluiceClient,
+    rows: list[FileRow],
+    collection: str,
+    priority: str,
+    concurrency: int,
+    display: _Display,
 ) -> None:
     upload_slots = asyncio.Semaphore(concurrency)
     follow_slots = asyncio.Semaphore(_MAX_FOLLOWING)
 
     async def one(row: FileRow) -> None:
         async with upload_slots:
-            accepted = await _upload(client, row, collection, display)
+            accepted = await _upload(client, row, collection, priority, display)
         if accepted is None:
             display.update(row)
             return
@@ -254,24 +259,37 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def summary_lines(rows: list[FileRow]) -> list[str]:
-    """`N indexed, M failed[, K duplicates]`, then one line per failure."""
-    indexed = sum(row.status == "indexed" for row in rows)
+    """`N indexed, M failed[, K duplicates (already indexed)]`, then one line per failure.
+
+    A duplicate did no new work, so it is counted apart, never among the indexed."""
+    duplicates = sum(row.duplicate and row.status == "indexed" for row in rows)
+    indexed = sum(row.status == "indexed" and not row.duplicate for row in rows)
     failed = [row for row in rows if row.status != "indexed"]
-    duplicates = sum(row.duplicate for row in rows)
     head = f"{indexed} indexed, {len(failed)} failed"
     if duplicates:
-        head += f", {duplicates} duplicates"
+        head += f", {duplicates} duplicate{'s' if duplicates != 1 else ''} (already indexed)"
     return [head, *("  " + row.failure_line() for row in failed)]
 
 
 async def _run(
-    rows: list[FileRow], url: str, api_key: str | None, collection: str, concurrency: int
+    rows: list[FileRow],
+    url: str,
+    api_key: str | None,
+    collection: str,
+    priority: str,
+    concurrency: int,
 ) -> None:
     async with SluiceClient(url, api_key) as client:
         # Checked up front so a missing gateway is one clear line, not a failure per file.
         await client.ping()
         with _Display(rows, Console()) as display:
-            await _ingest_all(client, rows, collection, concurrency, display)
+            await _ingest_all(client, rows, collection, priority, concurrency, display)
+
+
+def default_priority(paths: Sequence[Path]) -> str:
+    """`bulk` when a folder is named (an import: nobody waits on each file), else
+    `interactive` (someone is waiting for the file they named)."""
+    return "bulk" if any(path.is_dir() for path in paths) else "interactive"
 
 
 def run_ingest(
@@ -281,15 +299,19 @@ def run_ingest(
     api_key: str | None,
     collection: str = "default",
     concurrency: int = 4,
+    priority: str | None = None,
 ) -> int:
     """Run `sluice ingest`; returns the exit code (0 all indexed, 1 any failed)."""
+    priority = priority or default_priority(paths)
+    if priority not in ("interactive", "bulk"):
+        raise UsageError(f"invalid priority {priority!r}: use interactive or bulk")
     if not _COLLECTION.fullmatch(collection):
         raise UsageError(f"invalid collection {collection!r}: use [a-z0-9][a-z0-9_-]{{0,62}}")
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
     rows = expand_paths(paths)
     try:
-        asyncio.run(_run(rows, url, api_key, collection, concurrency))
+        asyncio.run(_run(rows, url, api_key, collection, priority, concurrency))
     except KeyboardInterrupt:
         print("interrupted; accepted jobs go on — see `sluice jobs`", file=sys.stderr)
         return 130

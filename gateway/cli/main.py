@@ -51,6 +51,16 @@ def _pipeline_names() -> tuple[str, ...]:
         return DEFAULT_STAGE_NAMES
 
 
+def _process_names() -> tuple[str, ...]:
+    """Every stage a process can run: the pipeline's, then the side stages (webhook)."""
+    from contracts.pipeline import DEFAULT_STAGE_NAMES, SIDE_STAGES
+
+    try:
+        return tuple(spec.name for spec in _settings().pipeline.processes)
+    except SluiceError:
+        return (*DEFAULT_STAGE_NAMES, *(spec.name for spec in SIDE_STAGES))
+
+
 def _statuses() -> tuple[str, ...]:
     from contracts.pipeline import default_pipeline
 
@@ -66,6 +76,17 @@ def _default_url() -> str:
     host = "127.0.0.1" if settings.host in ("", "0.0.0.0") else settings.host
     host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
     return f"http://{host}:{settings.port}"
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Shows an option's default in its --help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and "%(default)" not in help_text and action.option_strings:
+            help_text += " (default: %(default)s)"
+        return help_text
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +140,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         collection=args.collection,
         concurrency=args.concurrency,
+        priority=args.priority,
     )
 
 
@@ -136,7 +158,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    console = Console(highlight=False)
+    # soft_wrap: a terminal wraps long lines itself, and piped output is never cut mid-sentence
+    # at rich's 80-column default.
+    console = Console(highlight=False, soft_wrap=True)
     if not results:
         console.print(f"no results in collection {escape(args.collection)!r}")
     for rank, hit in enumerate(results, start=1):
@@ -147,7 +171,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             f"[bold]{rank}.[/] [green]{hit['score']:.3f}[/]  "
             f"[cyan]{escape(str(hit['filename']))}[/]{page}"
         )
-        console.print(f"    {escape(text)}\n", soft_wrap=False)
+        console.print(f"    {escape(text)}\n")
     return 0
 
 
@@ -210,13 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = _client_options()
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        # Every option's default shows in its --help.
+        kw.setdefault("formatter_class", _HelpWithDefaults)
+        kw.setdefault("description", kw.get("help"))
         command = sub.add_parser(name, **kw)
         command.set_defaults(handler=handler)
         return command
 
     add("gateway", _cmd_gateway, help="run the HTTP gateway")
     stage = add("stage", _cmd_stage, help="run one stage process")
-    stage.add_argument("name", choices=_pipeline_names(), help="a stage of SLUICE_STAGES")
+    stage.add_argument(
+        "name", choices=_process_names(), help="a stage of SLUICE_STAGES, or a side stage"
+    )
     up = add("up", _cmd_up, help="run the gateway and every stage, restarting what dies")
     up.add_argument(
         "--stages", action="append", default=[], help="stages to run, e.g. parse,chunk (all)"
@@ -224,13 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-gateway", action="store_true", help="run only the stages")
 
     ingest = add("ingest", _cmd_ingest, parents=[common], help="upload files and folders")
-    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    ingest.add_argument("--collection", default="default")
+    ingest.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="files, and folders to upload every non-hidden file under",
+    )
+    ingest.add_argument("--collection", default="default", help="the collection to add to")
     ingest.add_argument("--concurrency", type=_positive_int, default=4, help="uploads at once")
+    ingest.add_argument(
+        "--priority",
+        choices=("interactive", "bulk"),
+        help="the lane: default bulk when a folder is named, interactive for files alone",
+    )
 
     search = add("search", _cmd_search, parents=[common], help="search indexed chunks")
-    search.add_argument("query", metavar="QUERY")
-    search.add_argument("--collection", default="default")
+    search.add_argument("query", metavar="QUERY", help="what to look for, in plain words")
+    search.add_argument("--collection", default="default", help="the collection to search")
     search.add_argument("-k", type=_positive_int, default=5, help="how many results")
     search.add_argument("--json", action="store_true", help="print the raw JSON")
 

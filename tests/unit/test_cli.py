@@ -61,6 +61,7 @@ class FakeGateway:
 
     def __init__(self) -> None:
         self.uploads: list[str] = []
+        self.priorities: list[str] = []
         self.scripts: dict[str, list[dict[str, Any]]] = {}
         self.drop_stream: set[str] = set()
         self.by_sha: dict[str, dict[str, Any]] = {}
@@ -97,6 +98,7 @@ class FakeGateway:
         assert not isinstance(upload, str)
         data, filename = await upload.read(), upload.filename or "unnamed"
         self.uploads.append(filename)
+        self.priorities.append(str(form.get("priority")))
         if data.startswith(b"%BINARY"):
             return self._error(415, "unsupported_media_type", "binary files are not supported")
         sha = hashlib.sha256(data).hexdigest()
@@ -222,8 +224,10 @@ def test_ingest_follows_every_file_and_summarises(
 
     lines = result.stdout.splitlines()
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "5 indexed, 2 failed, 1 duplicates" in lines
-    failures = lines[lines.index("5 indexed, 2 failed, 1 duplicates") + 1 :]
+    # g.md repeats a.md's bytes: no new work, so it is counted apart from the indexed.
+    summary = "4 indexed, 2 failed, 1 duplicate (already indexed)"
+    assert summary in lines
+    failures = lines[lines.index(summary) + 1 :]
     assert failures == [
         "  c.bin: [upload] unsupported_media_type: binary files are not supported",
         "  d.txt: [parse] parse_failed: cannot read it",
@@ -240,18 +244,22 @@ def test_ingest_follows_every_file_and_summarises(
         "g.md",
     ]
     assert fake.uploads.count("e.txt") == 2
+    # A folder is an import: its files go in the bulk lane unless told otherwise.
+    assert set(fake.priorities) == {"bulk"}
 
 
 def test_ingest_exits_zero_when_all_indexed(
     fake_gateway: tuple[FakeGateway, str], tmp_path: Path
 ) -> None:
-    _, url = fake_gateway
+    fake, url = fake_gateway
     (tmp_path / "one.txt").write_text("just one")
 
     result = sluice("ingest", str(tmp_path / "one.txt"), "--url", url)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "1 indexed, 0 failed"
+    # Someone who names one file waits for it: interactive.
+    assert fake.priorities == ["interactive"]
 
 
 def test_ingest_with_a_wrong_key_stops_with_the_api_message(
@@ -307,6 +315,10 @@ def test_search_and_jobs_print_readably(
     assert "0.812  guide.md  p. 2" in found.stdout
     assert "All about rabbits. Really." in found.stdout
     assert failed.returncode == 0, failed.stderr
+    # Piped, a long hit stays one line: nothing cuts it at 80 columns mid-sentence.
+    long_query = " ".join(["rabbits"] * 30)
+    piped = sluice("search", long_query, "--url", url)
+    assert f"    All about {long_query}. Really." in piped.stdout.splitlines()
     header, row = failed.stdout.splitlines()
     assert header.split("\t")[:4] == ["job id", "filename", "collection", "status"]
     assert row.split("\t")[1:] == [
@@ -425,6 +437,9 @@ def test_supervisor_restarts_dying_children_and_leaves_nothing_behind(tmp_path: 
     ]
     assert [line.rsplit(" ", 1)[1] for line in restarts[:4]] == ["0.1s", "0.2s", "0.4s", "0.4s"]
     assert "stubborn did not stop in time; killing it" in output
+    # Ended by the SIGTERM it was sent (as uvicorn ends a clean gateway stop): not a failure.
+    assert "[sluice  ] steady stopped cleanly" in output
+    assert "[sluice  ] stubborn stopped by signal SIGKILL" in output
     assert output.splitlines()[-1] == "[sluice  ] all processes stopped"
 
 
