@@ -60,7 +60,9 @@ class Supervisor:
         children: Sequence[ChildSpec],
         *,
         backoff: Backoff = Backoff(),
-        stop_timeout_s: float = 20.0,
+        # Longer than a stage's drain (stages/runtime/runner.py: 30 s), so a stopping stage
+        # finishes or hands back what it holds before it is killed.
+        stop_timeout_s: float = 35.0,
         out: TextIO | None = None,
         colour: bool | None = None,
     ) -> None:
@@ -99,7 +101,11 @@ class Supervisor:
             self.log(_SELF, "killing every process now")
             return
         self._stopping.set()
-        self.log(_SELF, f"stopping (up to {self._stop_timeout_s:g}s; Ctrl-C again to kill now)")
+        self.log(
+            _SELF,
+            f"stopping: each process finishes what it holds (up to {self._stop_timeout_s:g}s; "
+            "Ctrl-C again to kill now)",
+        )
 
     async def run(self) -> int:
         """Supervise until `stop()`; returns 0 once every child is gone."""
@@ -165,13 +171,24 @@ class Supervisor:
                 self.log(_SELF, f"killing {child.name} as asked" if forced else late)
                 _kill_group(pid)
                 await exited
-            self.log(_SELF, f"{child.name} stopped (code {transport.get_returncode()})")
+            self.log(_SELF, f"{child.name} {_how_it_stopped(transport.get_returncode())}")
         # Sweep what the child left behind, so nothing holds its port or its output pipe.
         _kill_group(pid)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.closed.wait(), timeout=2.0)
         transport.close()
         return transport.get_returncode()
+
+
+def _how_it_stopped(code: int | None) -> str:
+    """How a child asked to stop (SIGTERM) ended, in words: uvicorn re-raises the SIGTERM it
+    handled, so a gateway that shut down cleanly ends "killed by SIGTERM" (-15), which is
+    what was asked, not a failure."""
+    if code in (0, -signal.SIGTERM):
+        return "stopped cleanly"
+    if code is not None and code < 0:
+        return f"stopped by signal {signal.Signals(-code).name}"
+    return f"stopped (exit code {code})"
 
 
 class _Child(asyncio.SubprocessProtocol):
