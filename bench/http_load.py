@@ -35,12 +35,16 @@ def percentile(values: Iterable[float], pct: int) -> float:
     return statistics.quantiles(data, n=100, method="inclusive")[pct - 1]
 
 
-async def upload(client: httpx.AsyncClient, collection: str, doc: Document) -> Answer:
-    """POST one document and time it from request to answer."""
+async def upload(
+    client: httpx.AsyncClient, collection: str, doc: Document, priority: str = "interactive"
+) -> Answer:
+    """POST one document (in the lane `priority`) and time it from request to answer."""
     started = time.perf_counter()
     try:
         response = await client.post(
-            "/v1/documents", files={"file": (doc.name, doc.data)}, data={"collection": collection}
+            "/v1/documents",
+            files={"file": (doc.name, doc.data)},
+            data={"collection": collection, "priority": priority},
         )
     except httpx.TransportError as exc:
         # A dropped connection is an answer too (status 0): counted, not fatal to the run.
@@ -51,7 +55,12 @@ async def upload(client: httpx.AsyncClient, collection: str, doc: Document) -> A
 
 
 async def upload_all(
-    url: str, collection: str, docs: list[Document], clients: int, timeout_s: float = 600.0
+    url: str,
+    collection: str,
+    docs: list[Document],
+    clients: int,
+    timeout_s: float = 600.0,
+    priority: str = "interactive",
 ) -> list[Answer]:
     """Upload every document with `clients` concurrent clients, each one request at a time."""
     pending = iter(docs)
@@ -62,14 +71,19 @@ async def upload_all(
         async def one_client() -> None:
             # A shared iterator hands each document to exactly one client.
             for doc in pending:
-                answers.append(await upload(client, collection, doc))
+                answers.append(await upload(client, collection, doc, priority))
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
     return answers
 
 
 async def upload_paced(
-    url: str, collection: str, docs: list[Document], clients: int, interval_s: float
+    url: str,
+    collection: str,
+    docs: list[Document],
+    clients: int,
+    interval_s: float,
+    priority: str = "interactive",
 ) -> list[Answer]:
     """Upload every document with `clients` clients, each starting one upload every
     `interval_s` (spread over the interval, so `clients / interval_s` uploads/s are offered);
@@ -84,7 +98,7 @@ async def upload_paced(
             for doc in pending:
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 due += interval_s
-                answers.append(await upload(client, collection, doc))
+                answers.append(await upload(client, collection, doc, priority))
 
         await asyncio.gather(*(one_client(n) for n in range(clients)))
     return answers

@@ -10,6 +10,7 @@ from typing import Any
 from bench.celery_run import CeleryRun
 from bench.inproc import ChunkRate
 from bench.inrequest import InRequest
+from bench.lanes import LanesRun
 from bench.overhead import Overhead
 from bench.prepare import Prepared
 from bench.raw_model import RawModel
@@ -25,6 +26,11 @@ OVERHEAD_RATIO = 0.7
 UPLOAD_P99_MS = 50.0
 NON_EMBED_RSS_MB = 300.0
 NON_EMBED = ("parse", "chunk", "index")
+# Issue 12 (lanes): interactive p95 behind a bulk backlog, bulk's kept share, fairness, cost.
+INTERACTIVE_P95_S = 10.0
+BULK_KEPT = 0.8
+FAIRNESS_RATIO = 3.0
+LANES_COST = 0.97
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Results:
     celery: CeleryRun | None = None
     overhead: Overhead | None = None
     saturated: Saturated | None = None
+    lanes: LanesRun | None = None
     # Per vector index backend: search latency at a size (bench/search_latency.py).
     search: dict[str, SearchLatency] | None = None
     # In-process handler time of the stages that take chunk batches (enrich, embed).
@@ -247,6 +254,8 @@ def rows(r: Results) -> list[Row]:
                 f"{s.burst.uploads + s.uploads} indexed by then",
             )
         )
+    if r.lanes is not None:
+        out.extend(lanes_rows(r.lanes))
     for latency in (r.search or {}).values():
         out.append(
             Row(
@@ -258,6 +267,58 @@ def rows(r: Results) -> list[Row]:
                 f"{latency.build_s:.0f} s)",
             )
         )
+    return out
+
+
+def lanes_rows(run: LanesRun) -> list[Row]:
+    """Issue 12's figures: interactive behind bulk, fairness, and what lanes cost."""
+    out: list[Row] = []
+    for lat in run.latency:
+        mode = "lanes on" if lat.lanes else "lanes off (one FIFO)"
+        out.append(
+            Row(
+                "9",
+                f"{lat.interactive_docs} interactive uploads (1/s) behind {lat.bulk_docs} bulk "
+                f"documents of another collection, upload to indexed, {mode}",
+                f"p50 {lat.p50_s:.1f} s, **p95 {lat.p95_s:.1f} s**, max {lat.max_s:.1f} s "
+                f"({lat.bulk_left_at_end} bulk documents still not indexed at the end)",
+                f"p95 < {INTERACTIVE_P95_S:.0f} s" if lat.lanes else "—",
+                lat.p95_s < INTERACTIVE_P95_S if lat.lanes else None,
+            )
+        )
+        out.append(
+            Row(
+                "9",
+                f"Bulk throughput with interactive load over without, {mode}",
+                f"**{lat.bulk_kept:.2f}** ({lat.bulk_per_s_during:.1f} vs "
+                f"{lat.bulk_per_s_before:.1f} docs/s)",
+                f">= {BULK_KEPT}" if lat.lanes else "—",
+                lat.bulk_kept >= BULK_KEPT if lat.lanes else None,
+            )
+        )
+    for fair in run.fairness:
+        mode = "lanes on" if fair.lanes else "lanes off (one FIFO)"
+        out.append(
+            Row(
+                "9",
+                f"{fair.docs} bulk documents of collection C behind {fair.backlog_docs} of "
+                f"collection A, over C alone, {mode}",
+                f"**{fair.ratio:.1f}x** ({fair.behind_backlog_s:.1f} s vs {fair.alone_s:.1f} s)",
+                f"<= {FAIRNESS_RATIO:.0f}x" if fair.lanes else "—",
+                fair.ratio <= FAIRNESS_RATIO if fair.lanes else None,
+            )
+        )
+    on, off, bulk = run.only_interactive_on, run.only_interactive_off, run.only_bulk_on
+    out.append(
+        Row(
+            "9",
+            "One kind of work (the corpus, interactive): end-to-end with lanes over without",
+            f"**{run.cost_ratio:.2f}** ({on.chunks_per_s:.1f} vs {off.chunks_per_s:.1f} "
+            f"chunks/s; the corpus all bulk, lanes on: {bulk.chunks_per_s:.1f} chunks/s)",
+            f">= {LANES_COST}",
+            run.cost_ratio >= LANES_COST,
+        )
+    )
     return out
 
 
@@ -361,6 +422,10 @@ def as_json(r: Results) -> dict[str, Any]:
             "overhead_ratio": OVERHEAD_RATIO,
             "upload_p99_ms": UPLOAD_P99_MS,
             "non_embed_rss_mb": NON_EMBED_RSS_MB,
+            "interactive_p95_s": INTERACTIVE_P95_S,
+            "bulk_kept": BULK_KEPT,
+            "fairness_ratio": FAIRNESS_RATIO,
+            "lanes_cost": LANES_COST,
         },
         "checks": {row.figure: row.met for row in rows(r) if row.met is not None},
     }
@@ -385,6 +450,18 @@ def as_json(r: Results) -> dict[str, Any]:
         }
     if r.saturated is not None:
         out["saturated"] = asdict(r.saturated)
+    if r.lanes is not None:
+        ln = r.lanes
+        out["lanes"] = {
+            "latency": [
+                asdict(x) | _props(x, "p50_s", "p95_s", "max_s", "bulk_kept") for x in ln.latency
+            ],
+            "fairness": [asdict(x) | _props(x, "ratio") for x in ln.fairness],
+            "only_interactive_on": asdict(ln.only_interactive_on),
+            "only_interactive_off": asdict(ln.only_interactive_off),
+            "only_bulk_on": asdict(ln.only_bulk_on),
+            "cost_ratio": ln.cost_ratio,
+        }
     if r.search is not None:
         out["search"] = {backend: asdict(latency) for backend, latency in r.search.items()}
     return out

@@ -22,6 +22,7 @@ from bench.corpus import corpus, small_documents
 from bench.cpu import PhaseMeter
 from bench.inproc import chunk_rates
 from bench.inrequest import in_request
+from bench.lanes import lanes
 from bench.overhead import overhead
 from bench.prepare import prepare
 from bench.raw_model import measure
@@ -38,6 +39,7 @@ PHASES = (
     "celery",
     "overhead",
     "saturated",
+    "lanes",
     "search",
 )
 OUT = Path(__file__).resolve().parent / "out"
@@ -81,6 +83,12 @@ def main() -> None:
         "--burst", type=int, default=500, help="phase 6: closed-loop uploads first (capacity)"
     )
     ap.add_argument("--backlog", type=int, default=5000, help="documents queued in phase 7")
+    ap.add_argument(
+        "--lanes-bulk", type=int, default=2000, help="bulk documents ahead of interactive ones"
+    )
+    ap.add_argument(
+        "--lanes-fair-backlog", type=int, default=1000, help="one collection's backlog, fairness"
+    )
     ap.add_argument("--window-s", type=float, default=60.0, help="memory window after uploads")
     ap.add_argument(
         "--search-chunks", type=int, default=100_000, help="vectors in each index, search phase"
@@ -180,6 +188,24 @@ def main() -> None:
                     # Half the backlog at most: the paced uploads are the timed ones.
                     burst=min(args.burst, len(backlog) // 2),
                     window_s=args.window_s,
+                ),
+            )
+        if "lanes" in phases:
+            bulk = small_documents(max(100, round(args.lanes_bulk * args.scale)))
+            interactive = small_documents(20, first=1_000_000)
+            fair_backlog = min(len(bulk), max(50, round(args.lanes_fair_backlog * args.scale)))
+            r.lanes = timed(
+                r,
+                "lanes",
+                lambda: lanes(
+                    broker,
+                    root / "lanes",
+                    docs,
+                    bulk,
+                    interactive,
+                    fairness_backlog=fair_backlog,
+                    clients=args.clients,
+                    deadline_s=deadline,
                 ),
             )
         if "search" in phases:

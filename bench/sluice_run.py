@@ -73,13 +73,15 @@ def end_to_end(
     *,
     clients: int,
     deadline_s: float,
+    priority: str = "interactive",
     **env: str,
 ) -> EndToEnd:
-    """Start a fresh Sluice, upload `docs` through the API, wait until all are indexed."""
+    """Start a fresh Sluice, upload `docs` through the API (in the lane `priority`), wait
+    until all are indexed."""
     pipeline = launch(broker, root, **env)
     try:
         meter = CpuMeter(pids(pipeline)).start()
-        figures = asyncio.run(_drive(pipeline.url, docs, clients, deadline_s))
+        figures = asyncio.run(_drive(pipeline.url, docs, clients, deadline_s, priority))
         cpu_s = meter.stop()
     except BaseException:
         keep_logs(pipeline)
@@ -160,10 +162,12 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-async def _drive(url: str, docs: list[Document], clients: int, deadline_s: float) -> dict[str, Any]:
+async def _drive(
+    url: str, docs: list[Document], clients: int, deadline_s: float, priority: str
+) -> dict[str, Any]:
     collection = "corpus"
     started = datetime.now(UTC)
-    answers = await upload_all(url, collection, docs, clients)
+    answers = await upload_all(url, collection, docs, clients, priority=priority)
     refused = [a for a in answers if a.status != 202]
     if refused:
         raise RuntimeError(f"{len(refused)} uploads refused, first: {refused[0]}")
@@ -248,7 +252,13 @@ def saturated(
 
 
 def _depths(broker: BrokerHandle, namespace: str) -> dict[str, dict[str, int]]:
-    return {s: queue_depth(broker, routing.stage_queue(namespace, s)) for s in STAGES}
+    return {
+        f"{s}{'' if lane == routing.INTERACTIVE else '.' + lane}": queue_depth(
+            broker, routing.stage_queue(namespace, s, lane)
+        )
+        for s in STAGES
+        for lane in routing.LANES
+    }
 
 
 @dataclass(frozen=True)
