@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from contracts import pipeline
 from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
+from contracts.routing import INTERACTIVE
 from contracts.settings import Settings
 from stages.backends.factory import make_embedder
 from stages.backends.protocols import Embedder, embedding_text
@@ -21,9 +22,13 @@ class EmbedContext:
 
     embedder: Embedder
     calls: Coalescer[str, list[float]]
+    # Interactive chunks go into the next model call first (off with SLUICE_LANES=false).
+    lanes: bool = True
 
 
-def context_for(embedder: Embedder, *, max_items: int, max_wait_s: float) -> EmbedContext:
+def context_for(
+    embedder: Embedder, *, max_items: int, max_wait_s: float, lanes: bool = True
+) -> EmbedContext:
     """An embed context whose concurrent messages share model calls of up to `max_items`."""
 
     def embed(texts: list[str]) -> list[list[float]]:
@@ -31,14 +36,17 @@ def context_for(embedder: Embedder, *, max_items: int, max_wait_s: float) -> Emb
         return embedder.embed(texts)
 
     calls = Coalescer(embed, max_items=max_items, max_wait_s=max_wait_s, name="embed")
-    return EmbedContext(embedder, calls)
+    return EmbedContext(embedder, calls, lanes)
 
 
 async def startup(settings: Settings) -> EmbedContext:
     """Build the embedder the settings choose (loading a local model takes a while)."""
     embedder = await asyncio.to_thread(make_embedder, settings)
     return context_for(
-        embedder, max_items=settings.embed_call_chunks, max_wait_s=settings.embed_batch_wait_s
+        embedder,
+        max_items=settings.embed_call_chunks,
+        max_wait_s=settings.embed_batch_wait_s,
+        lanes=settings.lanes,
     )
 
 
@@ -47,7 +55,8 @@ async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
     texts = [embedding_text(c.heading, c.text) for c in msg.chunks]
     # A stage before this one may have emptied the batch: it still goes on to the index,
     # which counts it towards the document's completion.
-    vectors = await ctx.calls.submit(texts) if texts else []
+    urgent = ctx.lanes and msg.priority == INTERACTIVE
+    vectors = await ctx.calls.submit(texts, urgent=urgent) if texts else []
     chunks = [
         EmbeddedChunk(**c.model_dump(), vector=v) for c, v in zip(msg.chunks, vectors, strict=True)
     ]

@@ -24,14 +24,14 @@ from aiormq.exceptions import AMQPError
 
 from contracts import routing
 from contracts.errors import Transient
-from contracts.events import JobEvent
+from contracts.events import JobEvent, WorkerHeartbeat
 from contracts.messages import Message
 from contracts.settings import Settings
 from contracts.topology import Topology, topology
 
 log = logging.getLogger(__name__)
 
-Publishable = Message | JobEvent
+Publishable = Message | JobEvent | WorkerHeartbeat
 
 
 class PublishRejected(Transient):
@@ -41,18 +41,31 @@ class PublishRejected(Transient):
 
 
 def routing_key_for(model: Publishable, routing_key: str | None) -> str:
-    """Where `publish` sends a model: a job event to its own key, a message to `routing_key`."""
-    if isinstance(model, JobEvent):
+    """Where `publish` sends a model: a job event or heartbeat to its own key, a message to
+    `routing_key` (the plain key; `publish_key` adds the lane)."""
+    if isinstance(model, JobEvent | WorkerHeartbeat):
         return model.routing_key
     if routing_key is None:
         raise ValueError(f"a {type(model).__name__} needs a routing key to be published")
     return routing_key
 
 
+def publish_key(settings: Settings, model: Publishable, routing_key: str | None) -> str:
+    """The key a publish goes out with: a message to its lane's key (`doc.parsed.bulk`) while
+    lanes are on, to the plain key (one FIFO per stage) while they are off."""
+    key = routing_key_for(model, routing_key)
+    if isinstance(model, Message) and settings.lanes:
+        return routing.lane_key(key, model.priority)
+    return key
+
+
 def message_id(model: Publishable, routing_key: str) -> str:
-    """The id a published model carries: the same unit of work always gets the same id."""
+    """The id a published model carries: the same unit of work always gets the same id
+    (named by the plain key, so it does not change with the lane)."""
     if isinstance(model, JobEvent):
         return f"{model.job_id}.{model.stage}.{model.kind}.{model.batch_index}"
+    if isinstance(model, WorkerHeartbeat):
+        return f"{model.worker_id}.{model.at.timestamp():.3f}"
     index, _, _ = model.unit()
     return f"{model.job_id}.{routing_key}.{index}"
 
@@ -181,15 +194,15 @@ class Broker:
         *,
         headers: Mapping[str, Any] | None = None,
     ) -> None:
-        """Publish a message (to `routing_key`: the next stage's input) or a job event (to its
-        own key) on the main exchange, and wait for the broker's confirm."""
-        key = routing_key_for(model, routing_key)
+        """Publish a message (to `routing_key`, the next stage's input, in the message's lane)
+        or a job event or heartbeat (to its own key) on the main exchange, and wait for the
+        broker's confirm."""
         await self.publish_raw(
             routing.exchange(self.settings.namespace),
-            key,
+            publish_key(self.settings, model, routing_key),
             model.model_dump_json().encode(),
             headers=headers,
-            message_id=message_id(model, key),
+            message_id=message_id(model, routing_key_for(model, routing_key)),
             type_=type(model).__name__,
         )
 

@@ -1,11 +1,14 @@
 """Reading and replaying the dead-letter queue, for job retry and `sluice dlq`.
 
 Dead letters are taken with basic.get and held unacked while the queue is scanned, so each
-is seen once; those not replayed go back to the queue when the scanning channel closes.
+is seen once; those not replayed go back to the queue when the scanning channel closes. A
+replayed letter goes back to its stage in its own lane: the one its body's `priority` names,
+else the one its routing key ends in (`doc.chunked.bulk`), else interactive.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +22,7 @@ from contracts import routing
 from contracts.errors import Transient
 from contracts.messages import StageName
 from contracts.pipeline import Pipeline
+from contracts.routing import BULK, INTERACTIVE, LANES, Lane
 from contracts.topology import (
     ATTEMPT_HEADER,
     ERROR_CODE_HEADER,
@@ -49,7 +53,9 @@ class DeadLetter:
 def describe(delivery: AbstractIncomingMessage, pipeline: Pipeline) -> DeadLetter:
     """What a person needs to know about a dead letter, from its headers."""
     headers: dict[str, Any] = dict(delivery.headers or {})
-    stage = headers.get(STAGE_HEADER) or pipeline.stage_of_key(delivery.routing_key or "")
+    stage = headers.get(STAGE_HEADER) or pipeline.stage_of_key(
+        _plain_key(delivery.routing_key or "")
+    )
     # Without our headers the broker dead-lettered it: its worker died on it too many times.
     code = str(headers.get(ERROR_CODE_HEADER) or "worker_crashed")
     reason = str(headers.get(ERROR_HEADER) or "the message crashed its worker on every delivery")
@@ -101,9 +107,14 @@ async def replay_each(
                 links=tracing.link_to(delivery.headers),
                 attributes={"sluice.job_id": letter.job_id or "", "sluice.replay": True},
             ):
+                lane = lane_of(delivery.body, delivery.routing_key)
                 await broker.publish_raw(
                     routing.exchange(ns),
-                    binding_key(broker.settings, letter.stage),
+                    binding_key(
+                        broker.settings,
+                        letter.stage,
+                        lane if broker.settings.lanes else INTERACTIVE,
+                    ),
                     delivery.body,
                     headers={**headers, ATTEMPT_HEADER: 1},
                     message_id=delivery.message_id,
@@ -133,6 +144,24 @@ async def list_dead_letters(broker: Broker) -> list[DeadLetter]:
                 break
             letters.append(describe(delivery, broker.settings.pipeline))
     return letters
+
+
+def lane_of(body: bytes, routing_key: str | None) -> Lane:
+    """The lane a dead letter came from: its body's `priority`, else its routing key's."""
+    try:
+        priority = json.loads(body).get("priority")
+    except (ValueError, AttributeError):
+        priority = None
+    for lane in LANES:
+        if priority == lane:
+            return lane
+    return BULK if (routing_key or "").endswith(f".{BULK}") else INTERACTIVE
+
+
+def _plain_key(routing_key: str) -> str:
+    """A routing key without its lane's suffix (`doc.chunked.bulk` → `doc.chunked`)."""
+    suffix = f".{BULK}"
+    return routing_key[: -len(suffix)] if routing_key.endswith(suffix) else routing_key
 
 
 def now_header() -> dict[str, int]:

@@ -6,13 +6,18 @@ calls; on a GPU a full batch is the difference between idle and busy. A stage's 
 small document is not held long), or until `max_items` are in, then makes one call in a
 thread and hands every caller its own slice of the results. Each message is still acked by
 the runtime only after its own outputs are confirmed.
+
+An `urgent` submission (interactive work) goes ahead of every non-urgent one still pending,
+first come first served within each, so it rides the next call even when a bulk import has
+filled the queue of calls ahead of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -42,40 +47,57 @@ class Coalescer(Generic[T, R]):
         self.max_items = max_items
         self.max_wait_s = max_wait_s
         self.name = name
-        self._pending: list[_Request[T, R]] = []
+        # Urgent submissions, then the others: the next call takes from the front.
+        self._urgent: deque[_Request[T, R]] = deque()
+        self._others: deque[_Request[T, R]] = deque()
         self._full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def submit(self, items: Sequence[T]) -> list[R]:
-        """The results for `items`, computed in a call shared with other submissions."""
+    async def submit(self, items: Sequence[T], *, urgent: bool = False) -> list[R]:
+        """The results for `items`, computed in a call shared with other submissions; an
+        `urgent` one goes into the next call ahead of every non-urgent one pending."""
         context = trace.get_current_span().get_span_context()
         request: _Request[T, R] = _Request(
             items,
             asyncio.get_running_loop().create_future(),
             Link(context) if context.is_valid else None,
         )
-        self._pending.append(request)
-        if sum(len(r.items) for r in self._pending) >= self.max_items:
+        (self._urgent if urgent else self._others).append(request)
+        if self._pending_items() >= self.max_items:
             self._full.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_soon())
         return await request.done
 
+    def _pending(self) -> Iterator[_Request[T, R]]:
+        yield from self._urgent
+        yield from self._others
+
+    def _pending_items(self) -> int:
+        return sum(len(r.items) for r in self._pending())
+
+    def _next_batch(self) -> list[_Request[T, R]]:
+        """Pending requests from the front, up to `max_items` (a bigger first one alone)."""
+        batch: list[_Request[T, R]] = []
+        size = 0
+        for queue in (self._urgent, self._others):
+            while queue and (not batch or size + len(queue[0].items) <= self.max_items):
+                request = queue.popleft()
+                batch.append(request)
+                size += len(request.items)
+            if queue:
+                # The next in line does not fit: nobody behind it jumps the queue.
+                break
+        return batch
+
     async def _flush_soon(self) -> None:
-        while self._pending:
+        while self._urgent or self._others:
             # Wait for company, unless a full batch gathered already (during the last call).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.max_wait_s)
             self._full.clear()
-            batch: list[_Request[T, R]] = []
-            size = 0
-            while self._pending and (
-                not batch or size + len(self._pending[0].items) <= self.max_items
-            ):
-                request = self._pending.pop(0)
-                batch.append(request)
-                size += len(request.items)
-            if sum(len(r.items) for r in self._pending) >= self.max_items:
+            batch = self._next_batch()
+            if self._pending_items() >= self.max_items:
                 self._full.set()
             # One call at a time (this loop): the model already uses every core it has.
             await self._run(batch)

@@ -7,12 +7,17 @@ the default exchange by queue name), unroutable publishes and full `reject-publi
 refused with `PublishRejected`, deliveries settled exactly once, a nack with requeue handed
 back with `x-delivery-count` one higher, and retry tiers that hand messages back to their
 stage when told their TTL passed (`expire`). A test can make publishes to a key be refused
-(`refuse`) or fail (`fail`). Not modelled: confirms timing, prefetch limits, the quorum
-queue's own delivery limit. What only a real broker can show stays in tests/integration/.
+(`refuse`) or fail (`fail`), and declare a queue of its own (`declare`, as the gateway's
+heartbeat queue is). `drain` hands out one message at a time; `flow` hands each consumer
+up to its prefetch at once, each in a task, as RabbitMQ and aio-pika do. Not modelled:
+confirms timing, the quorum queue's own delivery limit. What only a real broker can show
+stays in tests/integration/.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from collections import deque
 from collections.abc import Mapping
@@ -24,8 +29,8 @@ from pydantic import BaseModel
 from contracts import routing
 from contracts.errors import Transient
 from contracts.settings import Settings
-from contracts.topology import Topology, topology
-from stages.infra.broker import message_id, routing_key_for
+from contracts.topology import QueueSpec, Topology, topology
+from stages.infra.broker import message_id, publish_key, routing_key_for
 from stages.runtime.ports import OnDelivery, Publishable, PublishRejected
 from stages.runtime.reading import DELIVERY_COUNT_HEADER
 
@@ -52,12 +57,17 @@ class Published:
         return model.model_validate_json(self.body)
 
 
+# Every message queued gets the next number: `flow` hands out the oldest first.
+_arrivals = itertools.count()
+
+
 @dataclass
 class _Queued:
     message: Published
     routing_key: str
     # Deliveries that ended in a requeue; RabbitMQ shows it as `x-delivery-count`.
     returned: int = 0
+    arrived: int = field(default_factory=lambda: next(_arrivals))
 
 
 @dataclass
@@ -109,6 +119,10 @@ class _Consumer:
         self.in_hand: list[MemoryDelivery] = []
         self.closed = False
 
+    def unsettled(self) -> int:
+        """Deliveries handed to this consumer and not settled yet (what prefetch bounds)."""
+        return sum(1 for d in self.in_hand if d.settled is None)
+
     async def cancel(self) -> None:
         """Take no more deliveries."""
         self.broker.consumers.pop(self.queue, None)
@@ -144,6 +158,11 @@ class MemoryBroker:
         """Fail publishes to `routing_key` with `error`, as a lost connection does."""
         self._failing[routing_key] = error or Transient(f"publishing to {routing_key!r} failed")
 
+    def declare(self, spec: QueueSpec) -> None:
+        """Declare a queue of the test's own (a gateway's heartbeat queue) beside the topology."""
+        self.topology = Topology(self.topology.exchanges, (*self.topology.queues, spec))
+        self.queues.setdefault(spec.name, deque())
+
     def heal(self) -> None:
         """Take publishes to every key again."""
         self._refused.clear()
@@ -156,14 +175,14 @@ class MemoryBroker:
         *,
         headers: Mapping[str, Any] | None = None,
     ) -> None:
-        """Publish to the main exchange, as the real broker names and addresses it."""
-        key = routing_key_for(model, routing_key)
+        """Publish to the main exchange, as the real broker names and addresses it (a message
+        to its lane's key while lanes are on)."""
         await self.publish_raw(
             routing.exchange(self.settings.namespace),
-            key,
+            publish_key(self.settings, model, routing_key),
             model.model_dump_json().encode(),
             headers=headers,
-            message_id=message_id(model, key),
+            message_id=message_id(model, routing_key_for(model, routing_key)),
             type_=type(model).__name__,
         )
 
@@ -241,6 +260,33 @@ class MemoryBroker:
             await consumer.on_delivery(delivery)
             handed += 1
         return handed
+
+    async def flow(self, *, limit: int = 1000) -> int:
+        """Hand queued messages out as RabbitMQ does: each consumer holds up to its prefetch
+        unsettled, each delivery handled in a task of its own, the oldest message first;
+        returns once no consumer has anything left to take and every task has finished."""
+        handed = 0
+        running: set[asyncio.Future[None]] = set()
+        while True:
+            while ready := [
+                c
+                for c in self.consumers.values()
+                if self.queues[c.queue] and c.unsettled() < c.prefetch
+            ]:
+                if handed >= limit:
+                    raise RuntimeError(
+                        f"still delivering after {limit} deliveries: a message loops"
+                    )
+                consumer = min(ready, key=lambda c: self.queues[c.queue][0].arrived)
+                delivery = self.take(consumer.queue)
+                consumer.in_hand.append(delivery)
+                running.add(asyncio.ensure_future(consumer.on_delivery(delivery)))
+                handed += 1
+            if not running:
+                return handed
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
 
     def expire(self) -> int:
         """Let every retry tier's TTL pass: its messages go back where it dead-letters them."""

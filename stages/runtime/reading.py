@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from contracts.errors import Permanent
 from contracts.messages import Message
+from contracts.routing import INTERACTIVE, Lane
 from contracts.topology import ATTEMPT_HEADER
 from stages.infra.broker import header_int
 from stages.runtime.ports import Delivery
@@ -28,7 +29,8 @@ class DeliveryContext:
     """One delivery in hand: where it came from, what it carries, since when, and how it ended.
 
     Exactly one of `msg` (the validated message) and `invalid` (why it did not validate) is set.
-    `settled` is written once, by `settle`, so no layer can settle a delivery twice.
+    `settled` is written once, by `settle`, so no layer can settle a delivery twice. `lane` is
+    the lane of the queue it was consumed from (a retry goes back to that lane's queue).
     """
 
     stage: str
@@ -40,6 +42,7 @@ class DeliveryContext:
     deliveries: int
     msg: Message | None
     invalid: Permanent | None = None
+    lane: Lane = INTERACTIVE
     started_s: float = field(default_factory=time.perf_counter)
     settled: Outcome | None = None
 
@@ -59,7 +62,7 @@ class DeliveryContext:
 
 
 def read_delivery(
-    delivery: Delivery, stage: str, queue: str, model: type[Message]
+    delivery: Delivery, stage: str, queue: str, model: type[Message], lane: Lane = INTERACTIVE
 ) -> DeliveryContext:
     """Read the headers the runtime keeps and validate the body as `model`; never raises."""
     headers = delivery.headers
@@ -72,8 +75,8 @@ def read_delivery(
             f"{stage}: the message is not a valid {model.__name__}: {_first_error(exc)}",
             code="invalid_message",
         )
-        return DeliveryContext(stage, queue, delivery, attempt, deliveries, None, invalid)
-    return DeliveryContext(stage, queue, delivery, attempt, deliveries, msg)
+        return DeliveryContext(stage, queue, delivery, attempt, deliveries, None, invalid, lane)
+    return DeliveryContext(stage, queue, delivery, attempt, deliveries, msg, lane=lane)
 
 
 def _first_error(exc: ValidationError) -> str:

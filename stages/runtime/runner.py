@@ -15,12 +15,19 @@ context, tracing, metrics (stages/runtime/layers.py). In short:
 A worker that dies mid-message never acks it: RabbitMQ redelivers it with `x-delivery-count`.
 One that has been delivered `delivery_limit` times already is set aside as `worker_crashed`
 before it can kill another worker; the quorum queue's own delivery limit is the backstop.
+
+The runner consumes both lanes' queues of its stage (contracts/routing.py), each with the
+stage's prefetch, and its `concurrency` slots go to waiting deliveries through a `LaneGate`
+(stages/runtime/lanes.py): interactive first, bulk its guaranteed share. Every few seconds
+it publishes the process's heartbeat (stages/runtime/heartbeat.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,9 +44,11 @@ from contracts.errors import Transient
 from contracts.messages import Message
 from contracts.settings import Settings
 from stages.runtime.announce import Announcer
+from stages.runtime.heartbeat import Heartbeat, WorkerStats
+from stages.runtime.lanes import LaneGate
 from stages.runtime.layers import CrashGuard, Layer, LogContext, Metrics, Tracing, wrap
 from stages.runtime.outcome import Ended, Outcome, Raised, Returned, decide, refuse
-from stages.runtime.ports import BrokerPort, Delivery
+from stages.runtime.ports import BrokerPort, Consuming, Delivery, OnDelivery
 from stages.runtime.reading import DeliveryContext, read_delivery
 from stages.runtime.settle import Settler
 from stages.stage import Stage
@@ -69,7 +78,11 @@ class StageRunner:
         self.ctx = ctx
         self.settings = settings
         self.broker = broker
-        self.queue_name = routing.stage_queue(settings.namespace, stage.name)
+        self.queues: dict[routing.Lane, str] = {
+            lane: routing.stage_queue(settings.namespace, stage.name, lane)
+            for lane in routing.LANES
+        }
+        self.queue_name = self.queues[routing.INTERACTIVE]
         self.tuned = settings.stage(stage.name)
         self.output_key = settings.pipeline.output_key(stage.name)
         self.settler = Settler(broker, settings, stage.name)
@@ -82,40 +95,81 @@ class StageRunner:
             *layers,
         )
         self._handling = wrap(self.layers, self._decide_and_settle)
-        self._slots = asyncio.Semaphore(self.tuned.concurrency)
+        # Lanes off: one FIFO, as before lanes (leftovers in a bulk queue are still served).
+        self.gate = LaneGate(
+            self.tuned.concurrency,
+            bulk_share=settings.bulk_share,
+            prefer_interactive=settings.lanes,
+        )
+        self.stats = WorkerStats()
+        self.heartbeat = Heartbeat(
+            broker, stage.name, self.stats, every_s=settings.heartbeat_every_s
+        )
         self._in_flight: set[asyncio.Task[Any]] = set()
 
     async def run(self, stop: asyncio.Event, *, drain_timeout_s: float = 30.0) -> None:
         """Consume until `stop` is set; then stop taking messages and finish those in hand."""
-        consumer = await self.broker.consume(self.queue_name, self.tuned.prefetch, self._on_message)
-        log.info("stage %s consuming %s", self.stage.name, self.queue_name)
-        await stop.wait()
-        await consumer.cancel()
-        if self._in_flight:
-            log.info(
-                "stage %s finishing %d in-flight messages", self.stage.name, len(self._in_flight)
-            )
-            _, pending = await asyncio.wait(self._in_flight, timeout=drain_timeout_s)
-            # Unfinished work is not acked: closing the consumer hands it back to the queue.
-            for task in pending:
-                task.cancel()
-        await consumer.close()
+        consumers: list[Consuming] = []
+        beating = asyncio.create_task(self.heartbeat.run())
+        try:
+            for lane, queue in self.queues.items():
+                consumers.append(
+                    await self.broker.consume(queue, self.tuned.prefetch, self._receiver(lane))
+                )
+            log.info("stage %s consuming %s", self.stage.name, ", ".join(self.queues.values()))
+            await stop.wait()
+            for consumer in consumers:
+                await consumer.cancel()
+            if self._in_flight:
+                log.info(
+                    "stage %s finishing %d in-flight messages",
+                    self.stage.name,
+                    len(self._in_flight),
+                )
+                _, pending = await asyncio.wait(self._in_flight, timeout=drain_timeout_s)
+                # Unfinished work is not acked: closing the consumer hands it back to the queue.
+                for task in pending:
+                    task.cancel()
+            for consumer in consumers:
+                await consumer.close()
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+        await self.heartbeat.last()
 
-    async def _on_message(self, delivery: Delivery) -> None:
+    def _receiver(self, lane: routing.Lane) -> OnDelivery:
+        """The consumer callback of one lane's queue."""
+
+        async def on_message(delivery: Delivery) -> None:
+            await self._on_message(lane, delivery)
+
+        return on_message
+
+    async def _on_message(self, lane: routing.Lane, delivery: Delivery) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
         try:
-            async with self._slots:
-                await self.process(delivery)
+            ctx = self._read(delivery, lane)
+            with self.stats.holding(lane, ctx.job_id):
+                async with self.gate.slot(lane):
+                    # The handler's time starts now, not while it waited for a slot.
+                    ctx.started_s = time.perf_counter()
+                    outcome = await self._handling(ctx)
+                self.stats.settled(outcome)
         finally:
             self._in_flight.discard(task)
 
-    async def process(self, delivery: Delivery) -> Outcome:
-        """Handle one delivery to its end (ack, retry tier, dead letter or requeue); returns
-        how it was settled."""
-        ctx = read_delivery(delivery, self.stage.name, self.queue_name, self.stage.input)
-        return await self._handling(ctx)
+    async def process(
+        self, delivery: Delivery, lane: routing.Lane = routing.INTERACTIVE
+    ) -> Outcome:
+        """Handle one delivery of `lane` to its end (ack, retry tier, dead letter or requeue)
+        at once, without waiting for a slot; returns how it was settled."""
+        return await self._handling(self._read(delivery, lane))
+
+    def _read(self, delivery: Delivery, lane: routing.Lane) -> DeliveryContext:
+        return read_delivery(delivery, self.stage.name, self.queues[lane], self.stage.input, lane)
 
     async def _decide_and_settle(self, ctx: DeliveryContext) -> Outcome:
         """What the layers wrap: decide how the delivery ends, then settle it."""

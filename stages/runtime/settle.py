@@ -3,6 +3,10 @@
 Every branch acks only after what it publishes is confirmed (at-least-once). When the broker
 does not take a publish, the outcome is decided again (`when_settling_failed`) and that one
 is carried out instead: refused outputs wait in a retry tier, anything else is requeued.
+
+Work keeps its lane here, whatever the stage did: outputs are stamped with their input's
+`priority` (so a stage, built-in or plugged in, cannot move a job to another lane), a retry
+waits in the tier of the lane it was consumed from, and a dead letter keeps its routing key.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from contracts import events, routing
 from contracts.events import JobError, JobEvent
+from contracts.messages import Message
 from contracts.settings import Settings
 from contracts.topology import (
     ATTEMPT_HEADER,
@@ -69,30 +74,50 @@ class Settler:
     async def _publish(self, ctx: DeliveryContext, outcome: Done | Retry | DeadLetter) -> None:
         """What `outcome` sends before the ack, each publish confirmed."""
         if isinstance(outcome, Done):
+            assert ctx.msg is not None, "only a handled message ends Done"
+            outputs = [_in_lane(out, ctx.msg) for out in outcome.outputs]
             # Confirmed together, in one round trip; the ack waits for both. A progress event
             # confirmed beside outputs the broker refused only runs ahead of the retry that
             # publishes them again (units count once).
             await asyncio.gather(
-                *(self.broker.publish(out, self.output_key) for out in outcome.outputs),
+                *(self.broker.publish(out, self.output_key) for out in outputs),
                 self.broker.publish(outcome.event),
             )
         elif isinstance(outcome, Retry):
-            await self.broker.publish_raw(
-                "",
-                routing.retry_queue(self.namespace, self.stage, outcome.delay_s),
-                ctx.delivery.body,
-                headers={**_headers(ctx), ATTEMPT_HEADER: outcome.next_attempt},
-                message_id=ctx.delivery.message_id,
+            await asyncio.gather(
+                self.broker.publish_raw(
+                    "",
+                    routing.retry_queue(self.namespace, self.stage, outcome.delay_s, ctx.lane),
+                    ctx.delivery.body,
+                    headers={**_headers(ctx), ATTEMPT_HEADER: outcome.next_attempt},
+                    message_id=ctx.delivery.message_id,
+                ),
+                *(self.broker.publish(event) for event in self._retrying_event(ctx, outcome)),
             )
         else:
             await self._dead_letter(ctx, outcome)
+
+    def _retrying_event(self, ctx: DeliveryContext, outcome: Retry) -> list[JobEvent]:
+        """The `retrying` event of an attempt that failed, so the job shows its attempts and
+        last error. Nothing for backpressure: a full next queue is no failed attempt (and the
+        broker that refused the outputs needs no more messages)."""
+        if not outcome.spend_attempt or ctx.msg is None:
+            return []
+        error = JobError(
+            stage=self.stage,
+            code=outcome.code,
+            message=(str(outcome.error) or type(outcome.error).__name__)[:_REASON_CHARS],
+            retryable=True,
+        )
+        return [events.retrying(self.stage, ctx.msg, error, outcome.attempt)]
 
     async def _dead_letter(self, ctx: DeliveryContext, outcome: DeadLetter) -> None:
         """The dead letter first, then the `failed` event: a job that shows `failed` can
         always be replayed from its dead letters."""
         await self.broker.publish_raw(
             routing.dead_letter_exchange(self.namespace),
-            ctx.delivery.routing_key or self.input_key,
+            # The key it came with names its lane too (`doc.chunked.bulk`), for replay.
+            ctx.delivery.routing_key or routing.lane_key(self.input_key, ctx.lane),
             ctx.delivery.body,
             headers={
                 **_headers(ctx),
@@ -127,6 +152,13 @@ class Settler:
                 error=error,
             )
         return None
+
+
+def _in_lane(output: Message, given: Message) -> Message:
+    """`output` in the lane of the message it was made from."""
+    if output.priority == given.priority:
+        return output
+    return output.model_copy(update={"priority": given.priority})
 
 
 def _headers(ctx: DeliveryContext) -> dict[str, Any]:

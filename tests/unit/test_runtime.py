@@ -246,7 +246,17 @@ async def test_failure_waits_in_the_tier_for_its_attempt(
     assert parked.model(ChunkBatch) == batch()
     assert sum(len(m) for m in h.retry_tiers().values()) == 1
     assert delivery.acked
-    assert h.broker.messages(DEAD) == [] and h.events() == []
+    assert h.broker.messages(DEAD) == []
+    # The job shows the attempt that failed and why, confirmed before the ack.
+    (event,) = h.events()
+    assert (event.kind, event.attempt, event.stage) == ("retrying", attempt, "embed")
+    assert event.error is not None
+    assert (event.error.code, event.error.message, event.error.retryable) == (
+        error.code if isinstance(error, Transient) else "internal_error",
+        str(error),
+        True,
+    )
+    assert h.broker.journal[-1] == "ack m1"
 
 
 async def test_last_attempt_dead_letters_as_retryable() -> None:
