@@ -72,6 +72,9 @@ class StageSpec:
     # Retry policy defaults; None means the deployment-wide `SLUICE_RETRY_*` settings.
     retry_delays_s: tuple[int, ...] | None = None
     max_attempts: int | None = None
+    # Quick in-process retries of a transient error before a retry tier; None means
+    # `SLUICE_TRANSIENT_RETRIES`.
+    transient_retries: int | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(STAGE_NAME_PATTERN, self.name):
@@ -151,6 +154,8 @@ WEBHOOK = StageSpec(
     # A receiver that is down gets time to come back: about a day in all.
     retry_delays_s=(5, 30, 300, 1800),
     max_attempts=12,
+    # Each attempt is one POST the job's webhook record counts: no unseen quick re-sends.
+    transient_retries=0,
 )
 # Side stages run in every deployment, beside the pipeline (`sluice up` starts them too).
 SIDE_STAGES: tuple[StageSpec, ...] = (WEBHOOK,)

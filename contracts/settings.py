@@ -286,7 +286,7 @@ class Settings(BaseSettings):
             retry_delays_s=policy("retry_delays_s", spec.retry_delays_s),
             max_attempts=policy("max_attempts", spec.max_attempts),
             delivery_limit=policy("delivery_limit", None),
-            transient_retries=policy("transient_retries", None),
+            transient_retries=policy("transient_retries", spec.transient_retries),
         )
 
     def check(self) -> Pipeline:

@@ -315,21 +315,30 @@ def test_retry_tiers_follow_each_stage_own_delays(env: SetEnv) -> None:
     env(SLUICE_NAMESPACE="tiers", SLUICE_RETRY_DELAYS_S="[5]", SLUICE_EMBED_RETRY_DELAYS_S="[2,30]")
     topo = topology(Settings())
     retry = {q.name for q in topo.queues if ".retry." in q.name}
+    # Every lane has its own tiers; the webhook side stage has tiers too (the operator's
+    # deployment-wide delays beat its own defaults).
     assert retry == {
-        routing.retry_queue("tiers", "parse", 5),
-        routing.retry_queue("tiers", "chunk", 5),
-        routing.retry_queue("tiers", "embed", 2),
-        routing.retry_queue("tiers", "embed", 30),
-        routing.retry_queue("tiers", "index", 5),
+        routing.retry_queue("tiers", stage, delay_s, lane)
+        for lane in routing.LANES
+        for stage, delay_s in [
+            ("parse", 5),
+            ("chunk", 5),
+            ("embed", 2),
+            ("embed", 30),
+            ("index", 5),
+            ("webhook", 5),
+        ]
     }
-    tier = topo.queue(routing.retry_queue("tiers", "embed", 30))
-    # No binding: a tier is reached by the runtime's publish and left by its TTL.
-    assert (tier.exchange, tier.binding_keys) == (None, ())
-    assert tier.arguments.as_amqp() == {
-        "x-message-ttl": 30_000,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": routing.stage_queue("tiers", "embed"),
-    }
+    for lane in routing.LANES:
+        tier = topo.queue(routing.retry_queue("tiers", "embed", 30, lane))
+        # No binding: a tier is reached by the runtime's publish and left by its TTL, back
+        # to its own lane's queue.
+        assert (tier.exchange, tier.binding_keys) == (None, ())
+        assert tier.arguments.as_amqp() == {
+            "x-message-ttl": 30_000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": routing.stage_queue("tiers", "embed", lane),
+        }
 
 
 def test_stage_queue_arguments_use_rabbitmq_names(env: SetEnv) -> None:
@@ -376,3 +385,14 @@ def test_queue_arguments_leave_out_what_is_unset() -> None:
         "x-overflow",
         "x-message-ttl",
     }
+
+
+def test_the_webhook_stage_sends_each_attempt_once(env: SetEnv) -> None:
+    """The webhook's declaration turns off quick in-process re-sends: every POST is an
+    attempt its job record counts. A deployment-wide value still beats it; its own wins."""
+    assert Settings().stage("webhook").transient_retries == 0
+    assert Settings().stage("parse").transient_retries == 2
+    env(SLUICE_TRANSIENT_RETRIES="3")
+    assert Settings().stage("webhook").transient_retries == 3
+    env(SLUICE_WEBHOOK_TRANSIENT_RETRIES="1")
+    assert Settings().stage("webhook").transient_retries == 1
