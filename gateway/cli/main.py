@@ -40,17 +40,6 @@ def _checked_settings() -> Settings:
     return settings
 
 
-def _pipeline_names() -> tuple[str, ...]:
-    """The configured stages, for the CLI's choices; the defaults if the settings are bad
-    (the command that needs them reports why)."""
-    from contracts.pipeline import DEFAULT_STAGE_NAMES
-
-    try:
-        return _settings().pipeline.names
-    except SluiceError:
-        return DEFAULT_STAGE_NAMES
-
-
 def _process_names() -> tuple[str, ...]:
     """Every stage a process can run: the pipeline's, then the side stages (webhook)."""
     from contracts.pipeline import DEFAULT_STAGE_NAMES, SIDE_STAGES
@@ -116,7 +105,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     # Fail here, once, rather than in every child in a restart loop.
     settings = _checked_settings()
-    names = settings.pipeline.names
+    # The pipeline's stages, then the side stages (webhook): `sluice up` runs them all.
+    names = tuple(spec.name for spec in settings.pipeline.processes)
     stages = [name.strip() for item in args.stages for name in item.split(",") if name.strip()]
     unknown = sorted(set(stages) - set(names))
     if unknown:
@@ -214,6 +204,19 @@ def _job_row(job: dict[str, Any]) -> tuple[str, ...]:
     return (*(str(field) for field in fields), updated, str(error))
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gateway.cli.status import run_status
+
+    return run_status(args, args.url or _default_url())
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _client_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="gateway URL (default http://SLUICE_HOST:SLUICE_PORT)")
@@ -285,8 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    status = add("status", _cmd_status, parents=[common], help="stages, lanes and workers")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (2 if not given) until Ctrl-C",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
-    dlq_cli.configure(dlq, common, lambda args: args.url or _default_url(), _pipeline_names())
+    dlq_cli.configure(dlq, common, lambda args: args.url or _default_url(), _process_names())
     return parser
 
 

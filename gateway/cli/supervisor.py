@@ -45,7 +45,8 @@ def sluice_command() -> list[str]:
 
 
 def default_children(stages: Sequence[StageName], gateway: bool = True) -> list[ChildSpec]:
-    """The gateway (unless disabled) and one process per chosen stage."""
+    """The gateway (unless disabled) and one process per chosen stage, side stages included
+    (each shows in `ps` as `sluice stage NAME`)."""
     command = sluice_command()
     children = [ChildSpec("gateway", (*command, "gateway"))] if gateway else []
     children += [ChildSpec(stage, (*command, "stage", stage)) for stage in stages]

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
-from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES, build
+from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES, SIDE_STAGES, build
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "compose.yaml"
 INFRA = {"rabbitmq", "jaeger"}
 # Its own stack with its own backends, checked by test_compose_scale_out.py.
 SCALE_OUT = "scale-out"
+# Side stages (the webhook) run beside every pipeline, like the default stages.
+SIDE = tuple(spec.name for spec in SIDE_STAGES)
 # Built-in stages that plain `docker compose up` leaves out (enrich): each behind its profile.
-OPTIONAL = tuple(name for name in BUILTIN if name not in DEFAULT_STAGE_NAMES)
+OPTIONAL = tuple(name for name in BUILTIN if name not in (*DEFAULT_STAGE_NAMES, *SIDE))
 
 
 def _services() -> dict[str, dict[str, Any]]:
@@ -54,9 +56,9 @@ def test_every_declared_stage_has_a_service(stage: str) -> None:
     assert service["environment"]["OTEL_SERVICE_NAME"] == f"sluice-{stage}"
 
 
-@pytest.mark.parametrize("stage", DEFAULT_STAGE_NAMES)
+@pytest.mark.parametrize("stage", (*DEFAULT_STAGE_NAMES, *SIDE))
 def test_default_stages_run_without_a_profile(stage: str) -> None:
-    """Plain `docker compose up` runs the whole default pipeline."""
+    """Plain `docker compose up` runs the whole default pipeline and the side stages."""
     assert not _stage_service(stage).get("profiles"), stage
 
 
@@ -119,3 +121,14 @@ def test_rabbitmq_is_healthchecked_and_not_guest() -> None:
 def test_jaeger_exists() -> None:
     """Traces have somewhere to go."""
     assert "jaeger" in _services()
+
+
+def test_the_gateway_and_the_webhook_stage_read_one_private_address_rule() -> None:
+    """The gateway checks a callback URL at upload and the webhook stage again at send time:
+    both must read the same SLUICE_WEBHOOK_ALLOW_PRIVATE."""
+    services = _services()
+    rule = {
+        n: services[n]["environment"].get("SLUICE_WEBHOOK_ALLOW_PRIVATE")
+        for n in ("gateway", *SIDE)
+    }
+    assert len(set(rule.values())) == 1 and None not in rule.values(), rule

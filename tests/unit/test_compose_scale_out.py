@@ -249,3 +249,13 @@ def test_scale_out_pipeline_is_apart_from_the_embedded_one() -> None:
     scale_out = {_settings(s).namespace for s in _sluice().values()}
     assert len(scale_out) == 1, scale_out
     assert not scale_out & embedded, f"both stacks use namespace {scale_out & embedded}"
+
+
+def test_the_webhook_stage_runs_with_one_secret_for_every_replica() -> None:
+    """The webhook side stage runs here too; with no shared disk its replicas cannot agree on
+    a secret kept in a file, so the signing secret comes from the environment."""
+    running = [n for n, s in _sluice().items() if _command(s) == "sluice stage webhook"]
+    assert len(running) == 1, running
+    settings = _settings(_profile()[running[0]])
+    assert settings.webhook_secret, "scale-out webhook replicas need SLUICE_WEBHOOK_SECRET"
+    assert _env(_profile()[running[0]])["OTEL_SERVICE_NAME"] == "sluice-webhook"

@@ -24,7 +24,7 @@ import yaml
 from referencing import Registry, Resource
 
 from contracts import routing
-from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES
+from contracts.pipeline import BUILTIN, DEFAULT_STAGE_NAMES, DEFAULT_STAGES, SIDE_STAGES
 from contracts.settings import Settings
 from gateway.http.services import refuse_open_exposure
 from stages.runtime.runner import StageRunner
@@ -39,6 +39,8 @@ PLACEHOLDER = "CHANGE-ME"
 # The operator's filled copy of secret.example.yaml: git-ignored, real values, never read here.
 FILLED_SECRET = "secret.yaml"
 EXAMPLE_SECRET = "secret.example.yaml"
+# Every stage a deployment runs: the default pipeline, then the side stages (the webhook).
+PROCESSES = (*DEFAULT_STAGE_NAMES, *(spec.name for spec in SIDE_STAGES))
 
 Doc = dict[str, Any]
 
@@ -340,10 +342,16 @@ def test_the_keda_schema_can_fail() -> None:
 # --- the set hangs together -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", DEFAULT_STAGE_NAMES)
-def test_every_default_stage_has_a_deployment_and_a_scaled_object(stage: str) -> None:
-    """Each stage of the default pipeline runs as its own Deployment (`sluice stage NAME`),
-    scaled by exactly one ScaledObject on that stage's own queue."""
+def _triggers_by_queue(scaled: Doc) -> dict[str, Doc]:
+    """A ScaledObject's triggers by the queue each one watches."""
+    return {t["metadata"]["queueName"]: t for t in scaled["spec"]["triggers"]}
+
+
+@pytest.mark.parametrize("stage", PROCESSES)
+def test_every_stage_has_a_deployment_scaled_on_both_lanes(stage: str) -> None:
+    """Each stage of the default pipeline, and each side stage, runs as its own Deployment
+    (`sluice stage NAME`), scaled by exactly one ScaledObject on that stage's own queues:
+    one trigger per lane (`sluice.stage.NAME` and `sluice.stage.NAME.bulk`), alike."""
     deployments = _stage_deployments()
     assert stage in deployments, f"no Deployment runs `sluice stage {stage}`"
     name = deployments[stage]["metadata"]["name"]
@@ -351,12 +359,16 @@ def test_every_default_stage_has_a_deployment_and_a_scaled_object(stage: str) ->
         s for s in _of("ScaledObject").values() if s["spec"]["scaleTargetRef"]["name"] == name
     ]
     assert len(scaled) == 1, f"{name} needs one ScaledObject, has {len(scaled)}"
-    (trigger,) = scaled[0]["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
-    metadata = trigger["metadata"]
-    assert metadata["queueName"] == routing.stage_queue(SLUICE_NAMESPACE, stage)
-    assert metadata["mode"] == "QueueLength"
-    assert metadata["protocol"] == "amqp"
+    triggers = _triggers_by_queue(scaled[0])
+    lanes = {routing.stage_queue(SLUICE_NAMESPACE, stage, lane) for lane in routing.LANES}
+    assert triggers.keys() == lanes, triggers.keys() ^ lanes
+    assert len(scaled[0]["spec"]["triggers"]) == len(lanes), "one trigger per lane"
+    for trigger in triggers.values():
+        assert trigger["type"] == "rabbitmq"
+        metadata = trigger["metadata"]
+        assert metadata["mode"] == "QueueLength"
+        assert metadata["protocol"] == "amqp"
+    assert len({t["metadata"]["value"] for t in triggers.values()}) == 1, "lanes scale alike"
 
 
 def test_no_deployment_runs_an_undeclared_stage() -> None:
@@ -401,8 +413,7 @@ def test_scaling_targets_follow_the_stages_costs() -> None:
     for scaled in _of("ScaledObject").values():
         stage = _stage_of(_of("Deployment")[scaled["spec"]["scaleTargetRef"]["name"]])
         assert stage is not None
-        (trigger,) = scaled["spec"]["triggers"]
-        target[stage] = float(trigger["metadata"]["value"])
+        target[stage] = min(float(t["metadata"]["value"]) for t in scaled["spec"]["triggers"])
         spec = scaled["spec"]
         assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"], stage
     assert target.keys() == deployments.keys()
@@ -469,14 +480,14 @@ def _port(container: Doc, ref: int | str) -> int:
     return int(ports[ref])
 
 
-@pytest.mark.parametrize("stage", DEFAULT_STAGE_NAMES)
+@pytest.mark.parametrize("stage", PROCESSES)
 def test_stage_pods_probe_their_metrics_port_and_outlast_the_drain(stage: str) -> None:
     """A stage pod is ready when its metrics port answers (the stage's SLUICE_<STAGE>_METRICS_PORT),
     and Kubernetes waits longer than the stage's drain before killing it."""
     deployment = _stage_deployments()[stage]
     (container,) = _containers(deployment)
     settings = _settings(container)
-    assert stage in settings.pipeline.names
+    assert stage in {spec.name for spec in settings.pipeline.processes}
     metrics_port = settings.stage(stage).metrics_port
     assert metrics_port == BUILTIN[stage].metrics_port
     probe = container["readinessProbe"]["httpGet"]
@@ -585,6 +596,8 @@ def test_the_secret_is_a_template() -> None:
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "SLUICE_API_KEYS",
+        # Pods share no disk: every webhook replica must sign with the one secret.
+        "SLUICE_WEBHOOK_SECRET",
     }
     assert values.keys() == needed, values.keys() ^ needed
     for key, value in values.items():
@@ -637,3 +650,13 @@ def test_kustomization_lists_every_manifest_in_one_namespace() -> None:
     for entry in DOCS:
         if entry[1]["kind"] != "Namespace":
             assert entry[1]["metadata"].get("namespace") == namespace, _id(entry)
+
+
+def test_webhook_pods_sign_with_the_secret_from_the_secret() -> None:
+    """The webhook stage's pods get SLUICE_WEBHOOK_SECRET from the Secret, so replicas (which
+    share no disk to keep a made-up one in) all sign alike; the gateway and they read the
+    same private-address rule from one ConfigMap."""
+    (container,) = _containers(_stage_deployments()["webhook"])
+    assert _settings(container).webhook_secret
+    (gateway,) = _containers(_gateway())
+    assert _settings(container).webhook_allow_private == _settings(gateway).webhook_allow_private
