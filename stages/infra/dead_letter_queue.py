@@ -62,7 +62,8 @@ def describe(delivery: AbstractIncomingMessage, pipeline: Pipeline) -> DeadLette
     dead_at = headers.get(DEAD_AT_HEADER)
     return DeadLetter(
         job_id=str(headers.get(JOB_HEADER) or "") or None,
-        stage=stage if isinstance(stage, str) and pipeline.has(stage) else None,
+        # A side stage's letters (a webhook that never got through) replay like any other.
+        stage=stage if isinstance(stage, str) and stage in _process_names(pipeline) else None,
         code=code,
         reason=reason,
         attempts=header_int(headers, ATTEMPT_HEADER, header_int(headers, "x-delivery-count", 1)),
@@ -123,12 +124,25 @@ async def replay_each(
             yield letter
 
 
+def _process_names(pipeline: Pipeline) -> set[str]:
+    return {spec.name for spec in pipeline.processes}
+
+
 async def replay(
-    broker: Broker, *, job_id: str | None = None, stage: StageName | None = None
+    broker: Broker,
+    *,
+    job_id: str | None = None,
+    stage: StageName | None = None,
+    pipeline_only: bool = False,
 ) -> int:
-    """Send matching dead letters back to the stage they failed in, with fresh attempts."""
+    """Send matching dead letters back to the stage they failed in, with fresh attempts;
+    `pipeline_only` leaves side stages' letters (a job retry must not re-send an old
+    webhook carrying the job as it was)."""
+    pipeline = broker.settings.pipeline
 
     def matches(letter: DeadLetter) -> bool:
+        if pipeline_only and not (letter.stage and pipeline.has(letter.stage)):
+            return False
         return (not job_id or letter.job_id == job_id) and (not stage or letter.stage == stage)
 
     return len([letter async for letter in replay_each(broker, matches)])

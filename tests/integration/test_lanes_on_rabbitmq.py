@@ -22,7 +22,7 @@ from broker import BrokerHandle
 from contracts import pipeline, routing
 from contracts.errors import Transient
 from contracts.events import JobEvent, WorkerHeartbeat
-from contracts.messages import Chunk, ChunkBatch, Message
+from contracts.messages import Chunk, ChunkBatch, Message, WebhookRequest
 from contracts.routing import BULK, INTERACTIVE, Lane
 from contracts.settings import Settings
 from contracts.topology import STAGE_HEADER
@@ -305,3 +305,33 @@ async def test_a_replayed_dead_letter_goes_back_to_its_own_lane(
     await channel.close()
     assert landed is not None and elsewhere is None
     assert ChunkBatch.model_validate_json(landed.body).job_id == "dead-1"
+
+
+async def test_a_webhook_dead_letter_replays_by_stage_but_not_with_its_job(lanes: Lanes) -> None:
+    """`sluice dlq replay --stage webhook` sends a webhook that never got through again; a
+    job retry (`pipeline_only`) leaves it, so it cannot re-send the job as it was."""
+    ns = lanes.settings.namespace
+    letter = WebhookRequest(
+        job_id="hooked-1",
+        document_id="doc-1",
+        collection="default",
+        filename="a.txt",
+        callback_url="https://example.com/hook",
+        job={"job_id": "hooked-1", "status": "indexed"},
+        delivery_id="hooked-1.1",
+    )
+    await lanes.broker.publish_raw(
+        routing.dead_letter_exchange(ns),
+        routing.WEBHOOK,
+        letter.model_dump_json().encode(),
+        headers={STAGE_HEADER: "webhook"},
+    )
+    assert await dlq.replay(lanes.broker, job_id="hooked-1", pipeline_only=True) == 0
+    assert await dlq.replay(lanes.broker, stage="webhook") == 1
+    channel = await lanes.channel()
+    landed = await (await channel.get_queue(routing.stage_queue(ns, "webhook", INT))).get(
+        fail=False, no_ack=True
+    )
+    await channel.close()
+    assert landed is not None
+    assert WebhookRequest.model_validate_json(landed.body).delivery_id == "hooked-1.1"

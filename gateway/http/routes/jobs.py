@@ -120,7 +120,7 @@ async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONRe
     previous_error = job.error
     await asyncio.to_thread(services.store.reopen, job_id)
     try:
-        if await dlq.replay(services.broker, job_id=job_id) == 0:
+        if await dlq.replay(services.broker, job_id=job_id, pipeline_only=True) == 0:
             # Its dead letters are gone (purged or replayed elsewhere): every stage is
             # idempotent, so starting over from the upload is safe.
             await publish_upload(services, job)
