@@ -9,12 +9,9 @@ Screenshots of each state go to test-artifacts/browser/ (git-ignored) for a pers
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
-import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,45 +31,25 @@ from documents import (
 )
 from fakes.otlp_receiver import FakeOtlpReceiver
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
-from playwright.async_api import (
-    Browser,
-    FileChooser,
-    FilePayload,
-    Locator,
-    Page,
-    Route,
-    async_playwright,
-    expect,
+from playwright.async_api import FileChooser, Page, Route, expect
+
+from browser.page_kit import (
+    ARTIFACTS,
+    drop,
+    expect_state,
+    live_row,
+    open_page,
+    payload,
+    pick,
+    snap,
+    unique,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 JAEGER_UI = "http://127.0.0.1:16686"
 RABBITMQ_UI = "http://127.0.0.1:15672"
 API_KEY = "page-key-7f3a"
-# A whole job on the real model takes seconds; the deadline is for a slow CI machine.
-JOB_DEADLINE_MS = 120_000
 
 pytestmark = pytest.mark.integration
-
-# No skipping: scripts/test.sh installs Debian's chromium, and a missing browser must fail
-# loudly rather than leave the page untested.
-assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium (scripts/test.sh does)"
-
-
-def unique(prefix: str) -> str:
-    """A collection name no other test (or earlier run on the same data) uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
@@ -113,96 +90,6 @@ def keyed(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield running
     finally:
         stop_pipeline(running)
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """Debian's Chromium, headless; Playwright never downloads a browser of its own."""
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh tab (own session storage); fails the test on any script error in the page."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 900})
-    opened = await context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-
-    def on_console(message: Any) -> None:
-        # Chromium logs every 4xx answer; the page is meant to receive some of those.
-        if message.type == "error" and "Failed to load resource" not in message.text:
-            problems.append(f"console error: {message.text}")
-
-    opened.on("console", on_console)
-    try:
-        yield opened
-    finally:
-        await context.close()
-    assert problems == []
-
-
-async def snap(page: Page, name: str) -> None:
-    """A full-page screenshot for a person to look at."""
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def live_row(page: Page, filename: str) -> Locator:
-    """The row of one file in this session's uploads."""
-    return page.locator("#live-rows tr").filter(
-        has=page.locator("td.file", has_text=re.compile(f"^{re.escape(filename)}$"))
-    )
-
-
-async def expect_state(row: Locator, state: str, timeout_ms: int = JOB_DEADLINE_MS) -> None:
-    """Wait (auto-retrying, up to the deadline) until the row shows this state."""
-    await expect(row.locator(".state")).to_have_text(state, timeout=timeout_ms)
-
-
-async def drop(page: Page, files: dict[str, bytes]) -> None:
-    """Drag files onto the drop zone: real dragenter/dragover/drop events with a DataTransfer."""
-    payload = {name: base64.b64encode(data).decode() for name, data in files.items()}
-    transfer = await page.evaluate_handle(
-        """(files) => {
-            const transfer = new DataTransfer();
-            for (const [name, b64] of Object.entries(files)) {
-                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-                transfer.items.add(new File([bytes], name));
-            }
-            return transfer;
-        }""",
-        payload,
-    )
-    zone = page.locator("#dropzone")
-    for kind in ("dragenter", "dragover", "drop"):
-        await zone.dispatch_event(kind, {"dataTransfer": transfer})
-
-
-def payload(name: str, data: bytes) -> FilePayload:
-    """A file as the browser's file picker would hand it over."""
-    return {"name": name, "mimeType": "application/octet-stream", "buffer": data}
-
-
-async def pick(page: Page, files: dict[str, bytes]) -> None:
-    """Choose files with the file input, as the file picker would."""
-    await page.locator("#file-input").set_input_files([payload(n, d) for n, d in files.items()])
-
-
-async def open_page(page: Page, url: str, collection: str | None = None) -> None:
-    """Load the page and set the upload collection."""
-    await page.goto(url)
-    await expect(page.locator("#jobs-message")).not_to_be_empty()
-    if collection is not None:
-        await page.locator("#upload-collection").fill(collection)
 
 
 def track_connections(page: Page) -> dict[str, Any]:

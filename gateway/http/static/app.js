@@ -9,6 +9,15 @@ const SLOTS = 4;
 // the back of the line, so a stuck job cannot starve the rest.
 const SLICE_MS = 15_000;
 const KEY_STORE = "sluice.apiKey";
+// The collection last uploaded to or searched, and the ones used before it (this browser).
+const COLLECTION_STORE = "sluice.collection";
+const RECENT_STORE = "sluice.recentCollections";
+const RECENT_KEPT = 20;
+const COLLECTION_PATTERN = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+// How often the pipeline panel asks for `/v1/pipeline` (the gateway samples every 2 s).
+const PIPELINE_POLL_MS = 2000;
+const LANE_NAMES = ["interactive", "bulk"];
+const SVG = "http://www.w3.org/2000/svg";
 const TERMINAL = new Set(["indexed", "failed"]);
 // Stages whose progress a job counts in chunks (the API's progress fields), and the word for it.
 const CHUNK_PROGRESS = {
@@ -313,13 +322,53 @@ function countText(job) {
   return null;
 }
 
-function statusCell(state, { count = null, stalled = false, duplicate = false } = {}) {
+function statusCell(
+  state,
+  { count = null, stalled = false, duplicate = false, priority = null, waiting = null } = {},
+) {
   return [
     el("span", { className: `state state-${state}`, textContent: state }),
+    priority && el("span", { className: `tag priority priority-${priority}`, textContent: priority }),
     stalled && el("span", { className: "tag stalled", textContent: "stalled" }),
     duplicate && el("span", { className: "tag duplicate", textContent: "duplicate" }),
+    waiting && el("span", { className: "queue", textContent: waiting }),
     count && el("span", { className: "count", textContent: count }),
   ].filter(Boolean);
+}
+
+/** "about 40 s" or "about 3 min": a person's reading of an estimate in seconds. */
+function aboutText(seconds) {
+  if (seconds < 120) return `about ${Math.max(1, Math.round(seconds))} s`;
+  return `about ${Math.round(seconds / 60)} min`;
+}
+
+/** A waiting job's place in line, "position 3, about 40 s"; null once a stage works on it.
+ * `queue.position` counts the jobs of its lane ahead of it in its stage (0 also once the
+ * stage has it), so a queued job's place is one more, and a later stage's only counts while
+ * someone is ahead. */
+function waitingText(job) {
+  const ahead = job.queue?.position;
+  if (ahead === null || ahead === undefined || TERMINAL.has(job.status)) return null;
+  if (job.status !== "queued" && ahead === 0) return null;
+  const eta = job.queue.eta_s;
+  const place = `position ${ahead + 1}`;
+  return eta === null || eta === undefined ? place : `${place}, ${aboutText(eta)}`;
+}
+
+/** The job's lane, shown while it waits (which line it waits in is the point). */
+function priorityOf(job) {
+  return waitingText(job) && job.priority ? job.priority : null;
+}
+
+/** The options a status cell shows for a job. */
+function jobState(job, extra = {}) {
+  return {
+    count: countText(job),
+    stalled: job.stalled,
+    priority: priorityOf(job),
+    waiting: waitingText(job),
+    ...extra,
+  };
 }
 
 function progressBar(value, filename) {
@@ -342,13 +391,23 @@ function jobDetails(job, onRetry) {
         job.error.message,
       ),
     );
-    const retry = el("button", { type: "button", className: "small", textContent: "Retry" });
-    retry.setAttribute("aria-label", `Retry ${job.filename}`);
-    retry.addEventListener("click", () => {
-      retry.disabled = true;
-      onRetry(job);
-    });
-    parts.push(retry);
+    if (job.error.retryable) {
+      const retry = el("button", { type: "button", className: "small", textContent: "Retry" });
+      retry.setAttribute("aria-label", `Retry ${job.filename}`);
+      retry.addEventListener("click", () => {
+        retry.disabled = true;
+        onRetry(job);
+      });
+      parts.push(retry);
+    } else {
+      // The file itself is the problem: the same bytes would fail the same way again.
+      parts.push(
+        el("p", {
+          className: "no-retry",
+          textContent: "A retry cannot help with this file: upload a fixed file.",
+        }),
+      );
+    }
   }
   const trace = traceUrl(job);
   if (trace && (job.status === "failed" || job.stalled)) {
@@ -389,11 +448,7 @@ class LiveRow {
     this.tr.dataset.status = job.status;
     this.tr.dataset.jobId = job.job_id;
     this.cells.status.replaceChildren(
-      ...statusCell(job.status, {
-        count: countText(job),
-        stalled: job.stalled,
-        duplicate: this.duplicate,
-      }),
+      ...statusCell(job.status, jobState(job, { duplicate: this.duplicate })),
     );
     this.cells.progress.replaceChildren(progressBar(fraction(job), this.filename));
     this.cells.details.replaceChildren(...jobDetails(job, () => retryHere(this)));
@@ -425,6 +480,8 @@ async function retryHere(row) {
 async function sendFile(file, collection) {
   const body = new FormData();
   body.append("collection", collection);
+  // A person dropping files waits for them: the page's uploads always take the fast lane.
+  body.append("priority", "interactive");
   body.append("file", file, file.name);
   const response = await api("/v1/documents", { method: "POST", body });
   if (!response.ok) throw await errorOf(response);
@@ -466,6 +523,7 @@ function addFiles(files) {
     return;
   }
   const collection = input.value;
+  rememberCollection(collection);
   // Every row appears at once; the pool decides when each is sent.
   for (const file of files) upload(new LiveRow(file.name, collection), file, collection);
 }
@@ -521,7 +579,7 @@ function jobRow(job) {
   const cells = [
     el("td", { className: "file", textContent: job.filename }),
     el("td", { className: "collection", textContent: job.collection }),
-    el("td", { className: "status" }, ...statusCell(job.status, { count: countText(job), stalled: job.stalled })),
+    el("td", { className: "status" }, ...statusCell(job.status, jobState(job))),
     el("td", {}, progressBar(fraction(job), job.filename)),
     el("td", { className: "details" }, ...jobDetails(job, retryFromList)),
     el(
@@ -551,6 +609,7 @@ async function loadJobs({ more = false } = {}) {
     message.textContent = `Could not list jobs: ${error.message}`;
     return;
   }
+  offerCollections(page.jobs.map((job) => job.collection));
   const rows = page.jobs.map(jobRow);
   if (more) $("jobs-rows").append(...rows);
   else $("jobs-rows").replaceChildren(...rows);
@@ -597,6 +656,180 @@ function wireJobs() {
   });
 }
 
+// ---- collections: remember the last one, offer the ones that exist -----------------
+
+const offered = new Set();
+
+function recentCollections() {
+  try {
+    const stored = JSON.parse(localStorage.getItem(RECENT_STORE) ?? "[]");
+    return Array.isArray(stored) ? stored.filter((c) => COLLECTION_PATTERN.test(c)) : [];
+  } catch {
+    return [];
+  }
+}
+
+/** The collection just used becomes every field's default, here and after a reload. */
+function rememberCollection(collection) {
+  if (!COLLECTION_PATTERN.test(collection ?? "")) return;
+  localStorage.setItem(COLLECTION_STORE, collection);
+  const recent = [collection, ...recentCollections().filter((c) => c !== collection)];
+  localStorage.setItem(RECENT_STORE, JSON.stringify(recent.slice(0, RECENT_KEPT)));
+  for (const id of ["upload-collection", "search-collection"]) $(id).value = collection;
+  offerCollections([collection]);
+}
+
+/** Adds collections to the list the collection fields offer. */
+function offerCollections(names) {
+  const before = offered.size;
+  for (const name of names) if (COLLECTION_PATTERN.test(name ?? "")) offered.add(name);
+  if (offered.size === before) return;
+  $("collection-options").replaceChildren(
+    ...[...offered].sort().map((name) => el("option", { value: name })),
+  );
+}
+
+/** Starts every collection field at the last collection used, so a newcomer who uploaded to
+ * "papers" does not search an empty "default". */
+function restoreCollection() {
+  const last = localStorage.getItem(COLLECTION_STORE);
+  if (last && COLLECTION_PATTERN.test(last)) {
+    for (const id of ["upload-collection", "search-collection"]) $(id).value = last;
+  }
+  offerCollections(recentCollections());
+}
+
+/** The collections the gateway knows (`GET /v1/collections`). */
+async function loadCollections() {
+  try {
+    const response = await api("/v1/collections");
+    if (!response.ok) return; // an older gateway: the remembered ones and the jobs' still help
+    const { collections = [] } = await response.json();
+    offerCollections(collections.map((c) => (typeof c === "string" ? c : c?.collection ?? c?.name)));
+  } catch {
+    // Offered from what this browser remembers and the jobs listed instead.
+  }
+}
+
+// ---- the pipeline panel: depth per lane, workers, throughput -------------------------
+
+const pipelineView = { keyRefused: undefined };
+
+/** "3 waiting · 2 in hand" for one lane of one stage. */
+function laneText(lane) {
+  if (!lane) return "—";
+  return `${lane.ready} waiting · ${lane.unacked} in hand`;
+}
+
+function workersText(stage) {
+  const total = stage.workers.length;
+  if (total === 0) return "none running";
+  const healthy = stage.workers.filter((w) => w.healthy).length;
+  return healthy === total ? `${total} healthy` : `${healthy} of ${total} healthy`;
+}
+
+/** A small line chart of the last minute's in and out rates, drawn here (no library). */
+function throughputChart(name, history) {
+  const width = 160;
+  const height = 36;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", String(width));
+  svg.setAttribute("height", String(height));
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("role", "img");
+  const peak = Math.max(0, ...history.flatMap((s) => [s.in_per_s, s.out_per_s]));
+  const label = history.length
+    ? `${name}: up to ${peak.toFixed(1)} messages a second over the last minute`
+    : `${name}: no samples yet`;
+  svg.setAttribute("aria-label", label);
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = label;
+  svg.append(title);
+  const base = document.createElementNS(SVG, "line");
+  for (const [k, v] of Object.entries({ x1: 0, x2: width, y1: height - 1, y2: height - 1 })) {
+    base.setAttribute(k, String(v));
+  }
+  base.setAttribute("class", "axis");
+  svg.append(base);
+  if (history.length < 2) return svg;
+  const scale = peak > 0 ? (height - 4) / peak : 0;
+  const step = width / (history.length - 1);
+  for (const [field, cls] of [["in_per_s", "in"], ["out_per_s", "out"]]) {
+    const line = document.createElementNS(SVG, "polyline");
+    const points = history.map((s, i) => `${(i * step).toFixed(1)},${(height - 2 - s[field] * scale).toFixed(1)}`);
+    line.setAttribute("points", points.join(" "));
+    line.setAttribute("class", `rate ${cls}`);
+    svg.append(line);
+  }
+  return svg;
+}
+
+function pipelineRow(name, stage) {
+  const lanes = LANE_NAMES.map((lane) => {
+    const depth = stage.queues[lane];
+    const cell = el("td", { className: `lane lane-${lane}`, textContent: laneText(depth) });
+    cell.dataset.ready = String(depth?.ready ?? 0);
+    cell.dataset.unacked = String(depth?.unacked ?? 0);
+    return cell;
+  });
+  const unhealthy = stage.workers.some((w) => !w.healthy);
+  const workers = el("td", { className: "workers", textContent: workersText(stage) });
+  workers.dataset.healthy = String(stage.workers.filter((w) => w.healthy).length);
+  workers.dataset.total = String(stage.workers.length);
+  const rates = stage.rate_per_s;
+  const tr = el(
+    "tr",
+    {},
+    el(
+      "th",
+      { scope: "row", className: "stage" },
+      name,
+      stage.side && el("span", { className: "tag side", textContent: "side" }),
+    ),
+    ...lanes,
+    workers,
+    el("td", { className: "rates", textContent: `in ${rates.in.toFixed(1)} · out ${rates.out.toFixed(1)}` }),
+    el("td", { className: "trend" }, throughputChart(name, stage.history ?? [])),
+  );
+  tr.dataset.stage = name;
+  if (unhealthy || (!stage.side && stage.workers.length === 0)) tr.classList.add("is-unwell");
+  return tr;
+}
+
+function renderPipeline(answer) {
+  const rows = Object.entries(answer.stages).map(([name, stage]) => pipelineRow(name, stage));
+  $("pipeline-rows").replaceChildren(...rows);
+  $("pipeline-table").hidden = rows.length === 0;
+  const message = $("pipeline-message");
+  message.classList.toggle("error", Boolean(answer.stale));
+  message.textContent = answer.stale
+    ? "The gateway cannot reach RabbitMQ: these are the last numbers it had."
+    : "";
+}
+
+async function refreshPipeline() {
+  // A key that was refused is not sent again every two seconds: wait for a new one.
+  if (pipelineView.keyRefused !== undefined && pipelineView.keyRefused === auth.key) return;
+  try {
+    const response = await api("/v1/pipeline");
+    if (!response.ok) throw await errorOf(response);
+    pipelineView.keyRefused = undefined;
+    renderPipeline(await response.json());
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) pipelineView.keyRefused = auth.key;
+    $("pipeline-message").textContent = `Pipeline status unavailable: ${error.message}`;
+  }
+}
+
+/** Polls the pipeline while the page is visible. */
+async function pollPipeline() {
+  for (;;) {
+    if (!document.hidden) await refreshPipeline();
+    await sleep(PIPELINE_POLL_MS);
+  }
+}
+
 // ---- search -------------------------------------------------------------------------
 
 function queryTerms(query) {
@@ -638,6 +871,7 @@ async function search(event) {
   const form = event.target;
   if (!form.reportValidity()) return;
   const params = new URLSearchParams(new FormData(form));
+  rememberCollection(params.get("collection"));
   const message = $("search-message");
   message.textContent = "Searching…";
   try {
@@ -655,6 +889,7 @@ async function search(event) {
 
 // ---- start --------------------------------------------------------------------------
 
+restoreCollection();
 wireUploads();
 wireJobs();
 $("search-form").addEventListener("submit", search);
@@ -662,3 +897,5 @@ $("search-form").addEventListener("submit", search);
 await loadConfig();
 filtersFromUrl();
 loadJobs();
+loadCollections();
+pollPipeline();
