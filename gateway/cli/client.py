@@ -187,6 +187,11 @@ class SluiceClient:
         results: list[dict[str, Any]] = body["results"]
         return results
 
+    async def pipeline(self) -> dict[str, Any]:
+        """Every stage's lanes, rates and workers (`GET /v1/pipeline`)."""
+        body: dict[str, Any] = (await self._request("GET", "/v1/pipeline")).json()
+        return body
+
     async def dead_letters(self) -> list[dict[str, Any]]:
         """Every dead letter this key may see, oldest first."""
         body = (await self._request("GET", "/v1/dead-letters")).json()

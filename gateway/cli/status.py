@@ -34,15 +34,6 @@ WORKER_HEADER = (
 )
 
 
-class PipelineClient(SluiceClient):
-    """The HTTP client with the one call `sluice status` needs."""
-
-    async def pipeline(self) -> dict[str, Any]:
-        """The answer of `GET /v1/pipeline`."""
-        body: dict[str, Any] = (await self._request("GET", "/v1/pipeline")).json()
-        return body
-
-
 def run_status(args: argparse.Namespace, url: str) -> int:
     """Print the pipeline once, or redraw it every `--watch` seconds until Ctrl-C."""
     if args.watch is None:
@@ -56,7 +47,7 @@ def run_status(args: argparse.Namespace, url: str) -> int:
 
 
 async def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
-    async with PipelineClient(url, api_key, timeout_s=10.0) as client:
+    async with SluiceClient(url, api_key, timeout_s=10.0) as client:
         return await client.pipeline()
 
 
@@ -64,7 +55,7 @@ async def _watch(url: str, api_key: str | None, every_s: float, as_json: bool) -
     from rich.console import Console
 
     console = Console(highlight=False)
-    async with PipelineClient(url, api_key, timeout_s=10.0) as client:
+    async with SluiceClient(url, api_key, timeout_s=10.0) as client:
         while True:
             try:
                 answer = await client.pipeline()
