@@ -13,9 +13,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts.settings import Settings
 from gateway.http import errors
+from gateway.http.admission import Admitter
+from gateway.http.pipeline_monitor import PipelineMonitor
 from gateway.http.republisher import Republisher
-from gateway.http.routes import dead_letters, documents, jobs, ops, page, search
+from gateway.http.routes import (
+    api_docs,
+    dead_letters,
+    documents,
+    jobs,
+    ops,
+    page,
+    pipeline,
+    search,
+)
 from gateway.http.services import Services, refuse_open_exposure
+from gateway.http.webhook_dispatch import WebhookDispatcher
 from gateway.store.base import open_job_store
 from gateway.store.changes import open_change_feed
 from gateway.store.tracker import Tracker
@@ -66,20 +78,31 @@ def create_app(settings: Settings) -> FastAPI:
             broker=broker,
         )
         app.state.services = services
-        tracker = Tracker(broker, services.store, services.changes)
+        tracker = Tracker(
+            broker, services.store, services.changes, on_job_end=services.admissions.set
+        )
+        # Worker heartbeats and queue samples for GET /v1/pipeline.
+        monitor = PipelineMonitor(broker, settings)
+        app.state.pipeline_monitor = monitor
         # Changes folded by other gateways' trackers (a shared PostgreSQL store) wake this
         # gateway's event streams too; with SQLite there are none.
         feed = open_change_feed(settings, services.changes)
         await feed.start()
 
         republisher = Republisher(services)
+        # Held jobs (bulk, or past their collection's cap) let in fairly as room comes free.
+        admitter = Admitter(services)
+        # Finished jobs' webhooks, handed to the webhook stage.
+        webhooks = WebhookDispatcher(services)
 
         async def connect_and_track() -> None:
             await broker.connect(wait_s=math.inf)
             await tracker.start()
+            await monitor.start()
             log.info("gateway connected to RabbitMQ and tracking jobs")
-            # What a dead gateway recorded but never got confirmed, this one sends again.
-            await republisher.run()
+            # What a dead gateway recorded but never got confirmed, this one sends again;
+            # beside it, the webhooks of jobs that ended, and held jobs let in as room frees.
+            await asyncio.gather(republisher.run(), webhooks.run(), admitter.run())
 
         # The gateway serves (and answers 503 to uploads) while the broker is away, so it
         # starts without one; /readyz says when it is ready.
@@ -90,10 +113,14 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             connecting.cancel()
             await tracker.stop()
+            await monitor.stop()
             await feed.stop()
             await broker.close()
 
-    app = FastAPI(title="Sluice", version="1", lifespan=lifespan)
+    # /docs is served with its assets from here (routes/api_docs.py), not from a CDN; ReDoc,
+    # which only a CDN serves, is off.
+    app = FastAPI(title="Sluice", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api_docs.install(app)
     if tracing.enabled():
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -101,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
-    for module in (documents, jobs, dead_letters, search, ops, page):
+    for module in (documents, jobs, dead_letters, search, ops, page, pipeline):
         app.include_router(module.router)
     return app
 

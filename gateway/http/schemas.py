@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import JobError
 from contracts.messages import StageName
+from contracts.routing import INTERACTIVE, Lane
 from stages.backends.protocols import IndexHit
 
 # A job's status: `queued`, one per stage of the pipeline (`parsing`, ...), `indexed` or
@@ -30,6 +32,29 @@ class StageTiming(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = 0
+
+
+class QueuePlace(BaseModel):
+    """Where a job waits (both null once it ended; gateway/store/queue_place.py says how
+    they are estimated)."""
+
+    # Documents of its lane ahead of it in its current stage (0 once that stage has it).
+    position: int | None = None
+    # Seconds until it ends, from how fast its lane finished jobs in the last minute.
+    eta_s: float | None = None
+
+
+WebhookStatus = Literal["pending", "retrying", "delivered", "failed"]
+
+
+class WebhookState(BaseModel):
+    """How the POST of a finished job to its callback URL is going (never the URL itself)."""
+
+    status: WebhookStatus
+    attempts: int = 0
+    last_error: str | None = None
+    # Which end of the job this is: a retried job that ends again is delivered again.
+    round: int = 1
 
 
 class Job(BaseModel):
@@ -55,6 +80,12 @@ class Job(BaseModel):
     stalled: bool = False
     # The stage a stalled job is stuck in (waiting in its queue, or in hand), else null.
     stalled_in: str | None = None
+    # Its lane: `interactive` (someone waits) or `bulk` (an import).
+    priority: Lane = INTERACTIVE
+    # When it entered the pipeline; null while it waits in the store for its turn.
+    admitted_at: datetime | None = None
+    queue: QueuePlace = Field(default_factory=QueuePlace)
+    webhook: WebhookState | None = None
 
 
 class SearchHit(BaseModel):

@@ -161,6 +161,9 @@ class Services:
     index: VectorIndex
     broker: Broker
     changes: JobChanges = field(default_factory=JobChanges)
+    # Rung when a held job may have its turn (one was recorded, or a job ended), so the
+    # admitter (gateway/http/admission.py) looks at once instead of at its next round.
+    admissions: asyncio.Event = field(default_factory=asyncio.Event)
     api_keys: tuple[ApiKey, ...] = field(init=False)
     _embedder: Embedder | None = None
     _embedder_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

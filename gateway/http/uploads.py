@@ -5,6 +5,10 @@ Crash-safe by design: the job is recorded unconfirmed before the publish and con
 it. A gateway that dies in between leaves an unconfirmed job, which any gateway's
 republisher (gateway/http/republisher.py) publishes again; a client retrying the same bytes
 meanwhile revives it here instead of being handed a dead job.
+
+With lanes, the store may record a job *held* instead (bulk work, or interactive work of a
+collection at its cap): it is answered 202 once recorded, and the admitter
+(gateway/http/admission.py) publishes it when fair share gives it its turn.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fastapi import UploadFile
 
 from contracts.errors import Permanent, Transient
 from contracts.messages import DocumentUploaded
+from contracts.routing import INTERACTIVE, LANES, Lane
 from gateway.http.errors import ApiError
 from gateway.http.faults import fault_point
 from gateway.http.schemas import Job, UploadAnswer
@@ -60,14 +65,31 @@ def answer(job: Job | NewJob, *, duplicate: bool = False) -> UploadAnswer:
     )
 
 
+def valid_priority(raw: str) -> Lane:
+    """An upload's `priority` field as a lane, or a 400 naming the ones there are."""
+    for lane in LANES:
+        if raw == lane:
+            return lane
+    raise ApiError(
+        400,
+        "invalid_priority",
+        f"Priority {raw[:40]!r} is not one of: {', '.join(LANES)} (interactive: someone "
+        "waits for this document; bulk: an import, admitted fairly between collections).",
+    )
+
+
 async def accept(
     services: Services,
     upload: UploadFile,
     collection: str,
     idempotency_key: str | None,
     document_id: str | None = None,
+    *,
+    priority: Lane = INTERACTIVE,
+    callback_url: str | None = None,
 ) -> tuple[int, UploadAnswer]:
-    """Accept an upload (a new document, or a new version of `document_id`)."""
+    """Accept an upload (a new document, or a new version of `document_id`) in a lane, with
+    the URL to POST the job to when it ends (if any)."""
     filename = display_name(upload.filename)
     limit = services.settings.max_upload_bytes
     staged, sha256, size = await stream_to_staging(
@@ -108,6 +130,8 @@ async def accept(
         # The upload request's trace is the job's: a person goes from a job to its trace.
         trace_id=tracing.current_trace_id(),
         replaces=document_id is not None,
+        priority=priority,
+        callback_url=callback_url,
     )
     # Of concurrent uploads of the same thing (one key, or the same bytes) one creates the
     # job; the store hands the others the winner's job, answered as a duplicate.
@@ -120,6 +144,10 @@ async def accept(
     if existing is not None:
         return 200, answer(await _revived(services, existing), duplicate=True)
     fault_point("after_job_recorded")
+    if services.settings.lanes and not await asyncio.to_thread(
+        services.store.is_admitted, job.job_id
+    ):
+        return await _held(services, job)
     try:
         await publish_upload(services, job)
     except BaseException:
@@ -137,9 +165,27 @@ async def accept(
     return 202, answer(job)
 
 
+async def _held(services: Services, job: NewJob) -> tuple[int, UploadAnswer]:
+    """Answer for a job recorded held: 202 now (it is durably recorded and the admitter will
+    publish it), but only while there is a broker to admit it to."""
+    if not services.broker.is_connected:
+        await asyncio.to_thread(services.store.forget, job.job_id)
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            "The message broker is unreachable; try again shortly.",
+            RETRY_AFTER_S,
+        )
+    services.admissions.set()  # its turn may be now
+    return 202, answer(job)
+
+
 async def _revived(services: Services, job: Job) -> Job:
     """A duplicate's job, published again first if its gateway died before the broker
-    confirmed it: the client who retries gets a job that will move, not a dead one."""
+    confirmed it: the client who retries gets a job that will move, not a dead one. A held
+    job is not dead: it waits for its turn."""
+    if job.admitted_at is None:
+        return job
     if await asyncio.to_thread(services.store.is_confirmed, job.job_id):
         return job
     await publish_upload(services, job)
@@ -178,6 +224,7 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
         blob_sha256=job.blob_sha256,
         content_type=job.content_type,
         size_bytes=job.size_bytes,
+        priority=job.priority,
     )
     try:
         await services.broker.publish(message, services.settings.pipeline.first.input_key)

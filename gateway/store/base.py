@@ -8,6 +8,7 @@ from typing import Protocol
 
 from contracts.errors import SluiceError
 from contracts.events import JobEvent
+from contracts.routing import INTERACTIVE, Lane
 from contracts.settings import Settings
 from gateway.http.schemas import Job
 
@@ -28,6 +29,34 @@ class NewJob:
     # A new version of an existing document (PUT): it duplicates only that document's
     # current bytes, not the same bytes in another document of the collection.
     replaces: bool = False
+    # The lane the job's work travels in; bulk work waits in the store to be admitted.
+    priority: Lane = INTERACTIVE
+    # Where the job JSON is POSTed when the job ends (may hold a token: never shown).
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """When a store holds a new job instead of admitting it at once, and how many of each
+    lane may be in the pipeline (admitted, not ended) before the rest wait.
+
+    With `lanes` off nothing is held: every job is admitted when it is recorded (one FIFO).
+    """
+
+    lanes: bool = True
+    # Bulk jobs in flight, every collection together (SLUICE_BULK_IN_FLIGHT).
+    bulk_in_flight: int = 16
+    # Interactive jobs in flight per collection (SLUICE_INTERACTIVE_IN_FLIGHT_PER_COLLECTION).
+    interactive_per_collection: int = 32
+
+    @classmethod
+    def of(cls, settings: Settings) -> Admission:
+        """The admission policy the settings describe."""
+        return cls(
+            lanes=settings.lanes,
+            bulk_in_flight=settings.bulk_in_flight,
+            interactive_per_collection=settings.interactive_in_flight_per_collection,
+        )
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,12 @@ class JobStore(Protocol):
     confirmed (its gateway died in between) is claimed by one gateway at a time with
     `claim_unconfirmed` (a lease) and published again. Several gateways may share one store:
     every method is safe to call from any of them at once.
+
+    Lanes and fair share: a job is recorded *admitted* (in the pipeline, published at once)
+    or *held* (waiting in the store), as the store's `Admission` policy says; held jobs are
+    admitted a few at a time, fairly between collections, by `claim_admissions`
+    (gateway/store/fair_share.py has the rule). A job that ends with a callback URL has its
+    webhook due; `claim_webhooks` hands it to one gateway at a time to publish.
     """
 
     def create(self, job: NewJob) -> Job | None:
@@ -54,7 +89,20 @@ class JobStore(Protocol):
         duplicate exists (same Idempotency-Key, or same bytes in a live document of the
         collection; for a new version, the document's current job with the same bytes):
         then nothing is written and the duplicate is returned. Check and write are atomic,
-        so of concurrent uploads of the same thing exactly one creates a job."""
+        so of concurrent uploads of the same thing exactly one creates a job. The job is
+        admitted at once, or held (bulk work; interactive work of a collection at its cap):
+        `is_admitted` says which."""
+        ...
+
+    def is_admitted(self, job_id: str) -> bool:
+        """Whether the job was let into the pipeline (False while it is held, or unknown)."""
+        ...
+
+    def claim_admissions(self, lease_s: float, limit: int) -> list[Job]:
+        """Admit up to `limit` held jobs, as many as the lanes have room for, chosen fairly
+        between collections (gateway/store/fair_share.py), in the order admitted; atomic
+        across gateways. Each comes back leased for `lease_s`: the caller publishes it and
+        confirms it, and if it dies first `claim_unconfirmed` has it once the lease ran out."""
         ...
 
     def confirm(self, job_id: str) -> None:
@@ -67,11 +115,12 @@ class JobStore(Protocol):
         ...
 
     def claim_unconfirmed(self, older_than_s: float, lease_s: float, limit: int) -> list[Job]:
-        """Jobs recorded more than `older_than_s` ago and never confirmed, whose lease (if
+        """Jobs admitted more than `older_than_s` ago and never confirmed, whose lease (if
         any) has run out, oldest first; each comes back leased for `lease_s`, so no other
         caller gets it meanwhile. The caller publishes each again and confirms it. Only a
         document's current version is claimed: a deleted or replaced one is not worth
-        publishing (it would bring a deleted document back into the index)."""
+        publishing (it would bring a deleted document back into the index). A held job is
+        never claimed: it waits for `claim_admissions`."""
         ...
 
     def forget(self, job_id: str) -> bool:
@@ -80,7 +129,11 @@ class JobStore(Protocol):
         claimed (a claimed one may be in flight). Returns whether it was removed."""
         ...
 
-    def get(self, job_id: str) -> Job | None: ...
+    def get(self, job_id: str) -> Job | None:
+        """One job, with its place in the queue (`Job.queue`, from a snapshot at most about
+        a second old, gateway/store/queue_place.py)."""
+        ...
+
     def page(
         self,
         status: str | None,
@@ -90,7 +143,10 @@ class JobStore(Protocol):
         *,
         collections: frozenset[str] | None = None,
         stalled: bool | None = None,
-    ) -> tuple[list[Job], str | None]: ...
+    ) -> tuple[list[Job], str | None]:
+        """Jobs newest first, filtered, a page at a time, each with its place in the queue."""
+        ...
+
     def collections_of(self, job_ids: Collection[str]) -> dict[str, str]: ...
     def find_duplicate(
         self, collection: str, blob_sha256: str, idempotency_key: str | None
@@ -99,9 +155,33 @@ class JobStore(Protocol):
     def current_job(self, document_id: str) -> Job | None: ...
     def delete_document(self, document_id: str) -> list[JobBlobs]: ...
     def blob_in_use(self, sha256: str) -> bool: ...
-    def apply(self, event: JobEvent) -> bool: ...
-    def apply_all(self, events: Sequence[JobEvent]) -> set[str]: ...
-    def reopen(self, job_id: str) -> Job | None: ...
+
+    def apply(self, event: JobEvent) -> bool:
+        """Fold one event into its job; returns whether anything changed."""
+        ...
+
+    def apply_all(self, events: Sequence[JobEvent]) -> set[str]:
+        """Fold events into their jobs in one transaction; returns the jobs that changed.
+        Events of the webhook side stage change only the job's webhook (`delivered`,
+        `retrying`, `failed`, attempts), never its status, error or stages; a job with a
+        callback URL that ends has its webhook made `pending` (a new round)."""
+        ...
+
+    def reopen(self, job_id: str) -> Job | None:
+        """Put a failed job back in flight at the stage that failed (a webhook not yet sent
+        waits until it ends again); None if it is not failed."""
+        ...
+
+    def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
+        """Ended jobs whose webhook is pending and not yet published, whose lease (if any)
+        has run out, oldest end first, each with its callback URL and leased for `lease_s`.
+        The caller publishes a WebhookRequest for each and calls `webhook_published`."""
+        ...
+
+    def webhook_published(self, job_id: str) -> None:
+        """The broker confirmed the job's WebhookRequest: it is no longer claimed."""
+        ...
+
     def ping(self) -> None: ...
     def count_by_status(self) -> dict[str, int]: ...
 
@@ -113,7 +193,12 @@ def open_job_store(settings: Settings) -> JobStore:
     if url and url.startswith(("postgresql://", "postgres://")):
         from gateway.store.pg_job_store import PgJobStore
 
-        return PgJobStore(url, pipeline=settings.pipeline, stalled_after_s=settings.stalled_after_s)
+        return PgJobStore(
+            url,
+            pipeline=settings.pipeline,
+            stalled_after_s=settings.stalled_after_s,
+            admission=Admission.of(settings),
+        )
     if url:
         raise SluiceError(
             "SLUICE_JOB_STORE_URL must be a postgresql:// URL, or unset for SQLite",
@@ -125,4 +210,5 @@ def open_job_store(settings: Settings) -> JobStore:
         settings.job_db_path,
         pipeline=settings.pipeline,
         stalled_after_s=settings.stalled_after_s,
+        admission=Admission.of(settings),
     )

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 
 from contracts.events import JobError
 from contracts.pipeline import Pipeline
-from gateway.http.schemas import Job, Progress, StageTiming
-from gateway.store.states import JobState, StageState
+from gateway.http.schemas import Job, Progress, StageTiming, WebhookState
+from gateway.store.queue_place import QueueSnapshot, Waiting
+from gateway.store.states import JobState, StageState, Webhook, stage_of_status
 
 
 class Row(Protocol):
@@ -25,8 +26,16 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
-def job_of(row: Row, stage_rows: Iterable[Row], pipeline: Pipeline, *, stalled: bool) -> Job:
-    """The API's job from a `jobs` row and its `job_stages` rows."""
+def job_of(
+    row: Row,
+    stage_rows: Iterable[Row],
+    pipeline: Pipeline,
+    *,
+    stalled: bool,
+    queue: QueueSnapshot | None = None,
+) -> Job:
+    """The API's job from a `jobs` row and its `job_stages` rows; with a snapshot of the
+    queue, its place in it too."""
     names = pipeline.names
     stages = sorted(
         stage_rows,
@@ -34,7 +43,8 @@ def job_of(row: Row, stage_rows: Iterable[Row], pipeline: Pipeline, *, stalled: 
         key=lambda r: names.index(r["stage"]) if r["stage"] in names else len(names),
     )
     counts = {r["stage"]: r["chunks"] for r in stages}
-    return Job(
+    webhook = webhook_of(row)
+    job = Job(
         job_id=row["job_id"],
         document_id=row["document_id"],
         collection=row["collection"],
@@ -61,15 +71,45 @@ def job_of(row: Row, stage_rows: Iterable[Row], pipeline: Pipeline, *, stalled: 
         trace_id=row["trace_id"],
         language=row["language"],
         stalled=stalled,
-        stalled_in=_stage_of_status(pipeline, row["status"]) if stalled else None,
+        stalled_in=stage_of_status(pipeline, row["status"]) if stalled else None,
+        priority=row["priority"],
+        admitted_at=row["admitted_at"],
+        webhook=WebhookState(
+            status=webhook.status,
+            attempts=webhook.attempts,
+            last_error=webhook.last_error,
+            round=row["webhook_round"],
+        )
+        if webhook
+        else None,
     )
+    if queue is not None:
+        job.queue = queue.place(job, as_time(row["stage_since"]))
+    return job
 
 
-def _stage_of_status(pipeline: Pipeline, status: str) -> str | None:
-    """The stage a job waits for or is in: the one whose status it has (`queued`: the first)."""
-    if status == "queued":
-        return pipeline.first.name
-    return next((s.name for s in pipeline.stages if s.status == status), None)
+def webhook_of(row: Row) -> Webhook | None:
+    """A job's webhook delivery from its row (None: no callback, or the job has not ended)."""
+    if row["webhook_status"] is None:
+        return None
+    return Webhook(row["webhook_status"], row["webhook_attempts"], row["webhook_last_error"])
+
+
+def waiting_of(row: Row) -> Waiting:
+    """A snapshot row (a job not ended) for the queue estimates."""
+    created = as_time(row["created_at"])
+    assert created is not None  # a NOT NULL column
+    return Waiting(
+        job_id=row["job_id"],
+        priority=row["priority"],
+        collection=row["collection"],
+        status=row["status"],
+        since=as_time(row["stage_since"]) or created,
+        created_at=created,
+        admitted=bool(row["admitted"]),
+        current=bool(row["current"]),
+        confirmed=bool(row["confirmed"]),
+    )
 
 
 def state_of(row: Row, stage_rows: Iterable[Row]) -> JobState:

@@ -3,15 +3,16 @@
 The tracker feeds it job events. Progress is counted per unit of work (stage, batch index),
 so an event delivered twice never counts twice. Every write holds SQLite's write lock from
 its first statement (BEGIN IMMEDIATE), so `create`'s check for a duplicate and its insert
-are one step for every writer of the file. Calls block on disk: the gateway makes them
-from a worker thread (`asyncio.to_thread`), never on its event loop.
+are one step for every writer of the file (and so is admitting held jobs: two admitters
+never fill one free slot). Calls block on disk: the gateway makes them from a worker thread
+(`asyncio.to_thread`), never on its event loop. The file's tables are in sqlite_schema.py;
+the queries for lanes (holding, fair admission, queue places, webhooks) in sqlite_lanes.py.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -20,64 +21,19 @@ from pathlib import Path
 from contracts.events import JobEvent
 from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
+from gateway.store import sqlite_lanes as lanes
 from gateway.store import states
-from gateway.store.base import JobBlobs, NewJob
-from gateway.store.job_rows import decode_cursor, encode_cursor, job_of, state_of
+from gateway.store.base import Admission, JobBlobs, NewJob
+from gateway.store.job_rows import (
+    decode_cursor,
+    encode_cursor,
+    job_of,
+    state_of,
+    webhook_of,
+)
+from gateway.store.queue_place import QueueSnapshot, QueueSnapshots
+from gateway.store.sqlite_schema import open_database
 from gateway.store.states import TERMINAL, JobState
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents (
-    document_id TEXT PRIMARY KEY,
-    collection TEXT NOT NULL,
-    current_job_id TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    document_id TEXT NOT NULL,
-    collection TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    blob_sha256 TEXT NOT NULL,
-    parsed_sha256 TEXT,
-    status TEXT NOT NULL,
-    pages INTEGER,
-    chunks_total INTEGER,
-    error TEXT,
-    language TEXT,
-    idempotency_key TEXT UNIQUE,
-    trace_id TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    confirmed_at TEXT,
-    lease_until TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_by_bytes ON jobs (collection, blob_sha256);
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC);
-CREATE TABLE IF NOT EXISTS job_stages (
-    job_id TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    units_done INTEGER NOT NULL DEFAULT 0,
-    chunks INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (job_id, stage)
-);
-CREATE TABLE IF NOT EXISTS job_units (
-    job_id TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    batch_index INTEGER NOT NULL,
-    batch_count INTEGER NOT NULL,
-    chunks INTEGER NOT NULL,
-    PRIMARY KEY (job_id, stage, batch_index)
-);
-"""
-# After the migrations: an index on a column an older store gets from them.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_unconfirmed ON jobs (created_at) WHERE confirmed_at IS NULL;
-"""
 
 
 def _utc_now() -> datetime:
@@ -94,21 +50,16 @@ class SqliteJobStore:
         pipeline: Pipeline | None = None,
         stalled_after_s: float = 600.0,
         clock: Callable[[], datetime] = _utc_now,
+        admission: Admission | None = None,
+        queue_max_age_s: float = 1.0,
     ) -> None:
         self.pipeline = pipeline or default_pipeline()
         self.stalled_after_s = stalled_after_s
+        self.admission = admission or Admission()
         self._clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        # The wait first: another process may hold the file while this one sets it up.
-        self._db.execute("PRAGMA busy_timeout=5000")
-        _use_wal(self._db)
-        # One write transaction, so two processes opening a new file at once cannot collide.
-        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-        _migrate(self._db)
-        self._db.executescript(_INDEXES)
+        self._db = open_database(path)
         self._lock = threading.RLock()
+        self._queue = QueueSnapshots(self._take_snapshot, queue_max_age_s)
 
     def close(self) -> None:
         """Close the database file."""
@@ -143,7 +94,7 @@ class SqliteJobStore:
                 duplicate = self._duplicate(db, job)
                 if duplicate is not None:
                     return self._job(duplicate)
-                self._insert(db, job, now)
+                self._insert(db, job, now, admitted=lanes.admits_at_once(db, job, self.admission))
         except sqlite3.IntegrityError:
             # The unique key is the backstop: if a writer still won the race, its job is
             # the answer, as if the check had seen it.
@@ -156,11 +107,12 @@ class SqliteJobStore:
                 return self._job(winner)
         return None
 
-    def _insert(self, db: sqlite3.Connection, job: NewJob, now: str) -> None:
+    def _insert(self, db: sqlite3.Connection, job: NewJob, now: str, *, admitted: bool) -> None:
         db.execute(
             "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
             " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            " updated_at, priority, callback_url, admitted_at, stage_since)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.job_id,
                 job.document_id,
@@ -172,6 +124,10 @@ class SqliteJobStore:
                 job.idempotency_key,
                 job.trace_id,
                 now,
+                now,
+                job.priority,
+                job.callback_url,
+                now if admitted else None,
                 now,
             ),
         )
@@ -219,17 +175,34 @@ class SqliteJobStore:
             ).fetchone()
         return row is not None and row["confirmed_at"] is not None
 
+    def is_admitted(self, job_id: str) -> bool:
+        """Whether the job was let into the pipeline (False while held, or unknown)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT admitted_at FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return row is not None and row["admitted_at"] is not None
+
+    def claim_admissions(self, lease_s: float, limit: int) -> list[Job]:
+        """Admit the held jobs fair share picks now, each leased for `lease_s`, in order."""
+        now = self._clock()
+        with self._tx() as db:
+            ids = lanes.claim_admissions(db, self.admission, now, lease_s, limit)
+            return [self._job(r) for i in ids if (r := self._row(db, i)) is not None]
+
     def claim_unconfirmed(self, older_than_s: float, lease_s: float, limit: int) -> list[Job]:
-        """Old unconfirmed jobs no one holds, each leased for `lease_s` to the caller."""
+        """Jobs admitted long ago and never confirmed that no one holds, each leased for
+        `lease_s` to the caller."""
         now = self._clock()
         with self._tx() as db:
             # Only a document's current version: a deleted or replaced one is not worth
-            # publishing (it would bring a deleted document back into the index).
+            # publishing (it would bring a deleted document back into the index). Held jobs
+            # (admitted_at NULL) wait for the admitter, not for this.
             rows = db.execute(
                 "SELECT j.job_id FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
-                " WHERE j.confirmed_at IS NULL AND j.created_at < ?"
+                " WHERE j.confirmed_at IS NULL AND j.admitted_at < ?"
                 " AND (j.lease_until IS NULL OR j.lease_until <= ?)"
-                " ORDER BY j.created_at LIMIT ?",
+                " ORDER BY j.admitted_at LIMIT ?",
                 ((now - timedelta(seconds=older_than_s)).isoformat(), now.isoformat(), limit),
             ).fetchall()
             ids = [str(r["job_id"]) for r in rows]
@@ -277,10 +250,11 @@ class SqliteJobStore:
         return row
 
     def get(self, job_id: str) -> Job | None:
-        """One job with its progress and stage timings."""
+        """One job with its progress, stage timings and place in the queue."""
+        queue = self._queue.current()
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            return self._job(row) if row else None
+            return self._job(row, queue) if row else None
 
     def page(
         self,
@@ -309,7 +283,10 @@ class SqliteJobStore:
             where.append(f"collection IN ({', '.join('?' * len(collections))})")
             args += sorted(collections)
         if stalled is not None:
-            condition = "(status NOT IN ('indexed', 'failed') AND updated_at < ?)"
+            condition = (
+                "(status NOT IN ('indexed', 'failed') AND admitted_at IS NOT NULL"
+                " AND updated_at < ?)"
+            )
             where.append(condition if stalled else f"NOT {condition}")
             args.append(self._stalled_before())
         if cursor:
@@ -320,9 +297,10 @@ class SqliteJobStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
+        queue = self._queue.current()
         with self._lock:
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
-            jobs = [self._job(r) for r in rows[:limit]]
+            jobs = [self._job(r, queue) for r in rows[:limit]]
         more = len(rows) > limit
         last = rows[limit - 1] if more and limit else None
         next_cursor = encode_cursor(last["created_at"], last["job_id"]) if last else None
@@ -364,13 +342,14 @@ class SqliteJobStore:
 
     def current_job(self, document_id: str) -> Job | None:
         """The job of a document's current version."""
+        queue = self._queue.current()
         with self._lock:
             row = self._db.execute(
                 "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
                 " WHERE d.document_id = ?",
                 (document_id,),
             ).fetchone()
-            return self._job(row) if row else None
+            return self._job(row, queue) if row else None
 
     def delete_document(self, document_id: str) -> list[JobBlobs]:
         """Forget a document (its jobs stay as history); returns the blobs its jobs wrote."""
@@ -409,6 +388,8 @@ class SqliteJobStore:
         row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (event.job_id,)).fetchone()
         if row is None:
             return False
+        if states.is_side(self.pipeline, event):
+            return self._fold_webhook(db, row, event)
         # The unit's primary key decides whether it counts: a redelivered event adds nothing.
         new_unit = (
             event.kind == "progress"
@@ -421,21 +402,52 @@ class SqliteJobStore:
         )
         before = self._state(db, row)
         after = states.fold(before, event, new_unit=new_unit, pipeline=self.pipeline)
-        self._save(db, event.job_id, after, event.stage)
+        self._save(db, row, before, after, event.stage)
+        return True
+
+    def _fold_webhook(self, db: sqlite3.Connection, row: sqlite3.Row, event: JobEvent) -> bool:
+        webhook = states.webhook_after(webhook_of(row), event)
+        if webhook is None or webhook == webhook_of(row):
+            return False
+        db.execute(
+            "UPDATE jobs SET webhook_status = ?, webhook_attempts = ?, webhook_last_error = ?"
+            " WHERE job_id = ?",
+            (webhook.status, webhook.attempts, webhook.last_error, row["job_id"]),
+        )
         return True
 
     def _state(self, db: sqlite3.Connection, row: sqlite3.Row) -> JobState:
         stages = db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
         return state_of(row, stages.fetchall())
 
-    def _save(self, db: sqlite3.Connection, job_id: str, state: JobState, stage: str) -> None:
+    def _save(
+        self,
+        db: sqlite3.Connection,
+        row: sqlite3.Row,
+        before: JobState,
+        state: JobState,
+        stage: str,
+    ) -> None:
         now = self._now()
+        job_id = row["job_id"]
+        if state.status != before.status:
+            db.execute("UPDATE jobs SET stage_since = ? WHERE job_id = ?", (now, job_id))
+        if states.ended(before, state) and row["callback_url"]:
+            # Its webhook is due: a new round, so a job retried and ended again is told again.
+            db.execute(
+                "UPDATE jobs SET webhook_status = 'pending', webhook_round = webhook_round + 1,"
+                " webhook_attempts = 0, webhook_last_error = NULL, webhook_published_at = NULL,"
+                " webhook_lease_until = NULL WHERE job_id = ?",
+                (job_id,),
+            )
         # A stage's event proves the broker had the job's first message, even if the gateway
-        # that published it died before it could confirm: no one needs to publish it again.
+        # that published it died before it could confirm: no one needs to publish it again
+        # (nor admit it: it is in).
         db.execute(
             "UPDATE jobs SET status = ?, error = ?, pages = ?, chunks_total = ?,"
             " parsed_sha256 = ?, language = ?, updated_at = ?,"
-            " confirmed_at = COALESCE(confirmed_at, ?) WHERE job_id = ?",
+            " confirmed_at = COALESCE(confirmed_at, ?), admitted_at = COALESCE(admitted_at, ?)"
+            " WHERE job_id = ?",
             (
                 state.status,
                 state.error.model_dump_json() if state.error else None,
@@ -443,6 +455,7 @@ class SqliteJobStore:
                 state.chunks_total,
                 state.parsed_sha256,
                 state.language,
+                now,
                 now,
                 now,
                 job_id,
@@ -476,9 +489,14 @@ class SqliteJobStore:
             state = states.reopened(self._state(db, row), self.pipeline)
             if state is None:
                 return None
+            now = self._now()
+            # A webhook not yet sent waits until the job ends again (one sent is on its way).
             db.execute(
-                "UPDATE jobs SET status = ?, error = NULL, updated_at = ? WHERE job_id = ?",
-                (state.status, self._now(), job_id),
+                "UPDATE jobs SET status = ?, error = NULL, updated_at = ?, stage_since = ?,"
+                " webhook_status = CASE WHEN webhook_status = 'pending'"
+                " AND webhook_published_at IS NULL THEN NULL ELSE webhook_status END"
+                " WHERE job_id = ?",
+                (state.status, now, now, job_id),
             )
         return self.get(job_id)
 
@@ -493,73 +511,39 @@ class SqliteJobStore:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
             return {str(status): int(n) for status, n in rows.fetchall()}
 
-    def _job(self, row: sqlite3.Row) -> Job:
+    def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
+        """Ended jobs whose webhook is due and unsent, no one holding it, oldest end first;
+        each with its callback URL, leased for `lease_s` to the caller."""
+        with self._tx() as db:
+            claimed = lanes.claim_webhooks(db, self._clock(), lease_s, limit)
+            return [
+                (self._job(r), url) for i, url in claimed if (r := self._row(db, i)) is not None
+            ]
+
+    def webhook_published(self, job_id: str) -> None:
+        """The broker confirmed the job's webhook request: no one needs to claim it again."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET webhook_published_at = COALESCE(webhook_published_at, ?)"
+                " WHERE job_id = ? AND webhook_status IS NOT NULL",
+                (self._now(), job_id),
+            )
+
+    def _take_snapshot(self) -> QueueSnapshot:
+        with self._lock:
+            return lanes.take_snapshot(
+                self._db, self._clock(), self.pipeline, lanes=self.admission.lanes
+            )
+
+    def _job(self, row: sqlite3.Row, queue: QueueSnapshot | None = None) -> Job:
         stages = self._db.execute("SELECT * FROM job_stages WHERE job_id = ?", (row["job_id"],))
-        stalled = row["status"] not in TERMINAL and row["updated_at"] < self._stalled_before()
-        return job_of(row, stages.fetchall(), self.pipeline, stalled=stalled)
-
-
-def _use_wal(db: sqlite3.Connection) -> None:
-    """Switch the file to write-ahead logging (it stays so), waiting out other openers."""
-    for attempt in range(100):
-        if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
-            return
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            # The switch needs the file to itself and SQLite does not apply busy_timeout to
-            # it: two processes opening a new file at once would otherwise fail one of them.
-            if "locked" not in str(exc) or attempt == 99:
-                raise
-            time.sleep(0.05)
+        stalled = (
+            row["status"] not in TERMINAL
+            and row["admitted_at"] is not None
+            and row["updated_at"] < self._stalled_before()
+        )
+        return job_of(row, stages.fetchall(), self.pipeline, stalled=stalled, queue=queue)
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
-
-
-# Stores written before a column existed get it added, counted from what they already hold.
-_MIGRATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (
-        "job_stages",
-        "units_done",
-        (
-            "ALTER TABLE job_stages ADD COLUMN units_done INTEGER NOT NULL DEFAULT 0",
-            "ALTER TABLE job_stages ADD COLUMN chunks INTEGER NOT NULL DEFAULT 0",
-            "UPDATE job_stages SET"
-            " units_done = (SELECT COUNT(*) FROM job_units u"
-            "  WHERE u.job_id = job_stages.job_id AND u.stage = job_stages.stage),"
-            " chunks = (SELECT COALESCE(SUM(chunks), 0) FROM job_units u"
-            "  WHERE u.job_id = job_stages.job_id AND u.stage = job_stages.stage)",
-        ),
-    ),
-    ("jobs", "language", ("ALTER TABLE jobs ADD COLUMN language TEXT",)),
-    (
-        "jobs",
-        "confirmed_at",
-        (
-            "ALTER TABLE jobs ADD COLUMN confirmed_at TEXT",
-            "ALTER TABLE jobs ADD COLUMN lease_until TEXT",
-            # Jobs recorded before confirmations existed were answered 202 only once the broker
-            # had them: they count as confirmed.
-            "UPDATE jobs SET confirmed_at = created_at",
-        ),
-    ),
-)
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    for table, column, statements in _MIGRATIONS:
-        # Checked inside the write transaction, so of two processes upgrading one file at
-        # once the second sees the column the first added.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in columns:
-                for statement in statements:
-                    db.execute(statement)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")

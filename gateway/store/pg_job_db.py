@@ -22,6 +22,7 @@ from contracts.errors import Transient
 from contracts.pipeline import FAILED, INDEXED, Pipeline
 from gateway.http.schemas import Job
 from gateway.store.job_rows import job_of
+from gateway.store.queue_place import QueueSnapshot
 from stages.backends.pg_schema import SchemaOnce, Step, migrate
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,44 @@ CREATE TABLE IF NOT EXISTS sluice_job_units (
 )
 """
 
+# Lanes: a job's priority, its admission (held while admitted_at is NULL), when its status
+# last changed (its place in its stage's line), and its webhook. Jobs from before were in
+# the pipeline as soon as they were recorded.
+_VERSION_2 = """
+ALTER TABLE sluice_jobs
+    ADD COLUMN IF NOT EXISTS priority text NOT NULL DEFAULT 'interactive',
+    ADD COLUMN IF NOT EXISTS admitted_at timestamptz,
+    ADD COLUMN IF NOT EXISTS stage_since timestamptz,
+    ADD COLUMN IF NOT EXISTS callback_url text,
+    ADD COLUMN IF NOT EXISTS webhook_status text,
+    ADD COLUMN IF NOT EXISTS webhook_attempts int NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS webhook_last_error text,
+    ADD COLUMN IF NOT EXISTS webhook_round int NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS webhook_published_at timestamptz,
+    ADD COLUMN IF NOT EXISTS webhook_lease_until timestamptz;
+UPDATE sluice_jobs SET admitted_at = created_at, stage_since = updated_at;
+DROP INDEX IF EXISTS sluice_jobs_unconfirmed;
+CREATE INDEX IF NOT EXISTS sluice_jobs_admitted_unconfirmed ON sluice_jobs (admitted_at)
+    WHERE confirmed_at IS NULL AND admitted_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sluice_jobs_held ON sluice_jobs (priority, collection, created_at)
+    WHERE admitted_at IS NULL;
+CREATE INDEX IF NOT EXISTS sluice_jobs_in_flight ON sluice_jobs (priority, collection)
+    WHERE status NOT IN ('indexed', 'failed');
+CREATE INDEX IF NOT EXISTS sluice_jobs_ended ON sluice_jobs (priority, stage_since)
+    WHERE status IN ('indexed', 'failed');
+CREATE INDEX IF NOT EXISTS sluice_jobs_webhook_due ON sluice_jobs (stage_since)
+    WHERE webhook_status = 'pending' AND webhook_published_at IS NULL
+"""
+
 # Migration n takes the schema from version n - 1 to n; append, never edit a released step.
-MIGRATIONS: tuple[Step, ...] = (_VERSION_1,)
+MIGRATIONS: tuple[Step, ...] = (_VERSION_1, _VERSION_2)
 
 # The database's clock, unless a test set one (`clock=`): then its time is sent instead.
 NOW = "COALESCE(%(now)s::timestamptz, now())"
-# A job's columns and whether it is stalled; selected from `sluice_jobs j`.
+# A job's columns and whether it is stalled (admitted, not ended, quiet for too long; a
+# held job waits by design); selected from `sluice_jobs j`.
 JOB = (
-    f"j.*, (j.status NOT IN ('{INDEXED}', '{FAILED}')"
+    f"j.*, (j.status NOT IN ('{INDEXED}', '{FAILED}') AND j.admitted_at IS NOT NULL"
     f" AND j.updated_at < {NOW} - make_interval(secs => %(stalled_s)s)) AS stalled"
 )
 # Same bytes in a live document: the current job of a document, not failed.
@@ -211,11 +242,17 @@ def with_stages(cur: Cursor, rows: dict[str, DictRow]) -> dict[str, tuple[DictRo
     return {job_id: (row, stages[job_id]) for job_id, row in rows.items()}
 
 
-def jobs_of(cur: Cursor, rows: Sequence[DictRow], pipeline: Pipeline) -> list[Job]:
-    """The API's jobs for rows selected with `JOB` (so they carry `stalled`), in order."""
+def jobs_of(
+    cur: Cursor,
+    rows: Sequence[DictRow],
+    pipeline: Pipeline,
+    queue: QueueSnapshot | None = None,
+) -> list[Job]:
+    """The API's jobs for rows selected with `JOB` (so they carry `stalled`), in order; with
+    a snapshot of the queue, their places in it too."""
     found = with_stages(cur, {r["job_id"]: r for r in rows})
     return [
-        job_of(row, stage_rows, pipeline, stalled=bool(row["stalled"]))
+        job_of(row, stage_rows, pipeline, stalled=bool(row["stalled"]), queue=queue)
         for row, stage_rows in (found[r["job_id"]] for r in rows)
     ]
 

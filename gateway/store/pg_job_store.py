@@ -9,7 +9,9 @@ changes is how writers on several hosts are kept apart:
   once and never overwrite each other's progress;
 - `create` checks for a duplicate and inserts under an advisory lock on (collection, bytes),
   with a unique index on the Idempotency-Key as the backstop;
-- `claim_unconfirmed` leases with `FOR UPDATE SKIP LOCKED`, so no two gateways claim a job;
+- `claim_unconfirmed` and `claim_webhooks` lease with `FOR UPDATE SKIP LOCKED`, so no two
+  gateways claim a job; `claim_admissions` counts free slots under an advisory lock of its
+  own (gateway/store/pg_lanes.py), so two admitters never fill the same slot;
 - a change a client may be following sends `pg_notify` in the transaction that made it, so
   a notification is never ahead of the data (gateway/store/changes.py listens).
 
@@ -29,10 +31,11 @@ from contracts.errors import Transient
 from contracts.events import JobEvent
 from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
+from gateway.store import pg_lanes as lanes
 from gateway.store import states
-from gateway.store.base import JobBlobs, NewJob
+from gateway.store.base import Admission, JobBlobs, NewJob
 from gateway.store.changes import CHANNEL
-from gateway.store.job_rows import decode_cursor, encode_cursor, state_of
+from gateway.store.job_rows import decode_cursor, encode_cursor, state_of, webhook_of
 from gateway.store.pg_job_db import (
     JOB,
     LIVE_SAME_BYTES,
@@ -43,7 +46,8 @@ from gateway.store.pg_job_db import (
     jobs_of,
     with_stages,
 )
-from gateway.store.states import JobState
+from gateway.store.queue_place import QueueSnapshot, QueueSnapshots
+from gateway.store.states import JobState, Webhook
 
 
 class PgJobStore:
@@ -58,11 +62,15 @@ class PgJobStore:
         clock: Callable[[], datetime] | None = None,
         max_connections: int = 8,
         timeout_s: float = 5.0,
+        admission: Admission | None = None,
+        queue_max_age_s: float = 1.0,
     ) -> None:
         self.pipeline = pipeline or default_pipeline()
         self.stalled_after_s = stalled_after_s
+        self.admission = admission or Admission()
         self._clock = clock
         self._db = JobDatabase(url, max_connections=max_connections, timeout_s=timeout_s)
+        self._queue = QueueSnapshots(self._take_snapshot, queue_max_age_s)
 
     def close(self) -> None:
         """Close the pool's connections."""
@@ -76,12 +84,13 @@ class PgJobStore:
         }
 
     def _jobs(self, joins_and_where: str, **values: object) -> list[Job]:
-        """The jobs `SELECT … FROM sluice_jobs j {joins_and_where}` finds."""
+        """The jobs `SELECT … FROM sluice_jobs j {joins_and_where}` finds, placed in the queue."""
+        queue = self._queue.current()
 
         def work(cur: Cursor) -> list[Job]:
             sql = f"SELECT {JOB} FROM sluice_jobs j {joins_and_where}"
             cur.execute(sql, self._params(**values))
-            return jobs_of(cur, cur.fetchall(), self.pipeline)
+            return jobs_of(cur, cur.fetchall(), self.pipeline, queue)
 
         return self._db.run(work)
 
@@ -106,13 +115,17 @@ class PgJobStore:
             # No conflict target: the key's unique index is the backstop. A concurrent upload
             # with the same key but other bytes is not under our lock; if it commits first,
             # this insert waits for it, then writes nothing.
+            admitted = lanes.admits_at_once(cur, job, self.admission, self._params())
             cur.execute(
                 "INSERT INTO sluice_jobs (job_id, document_id, collection, filename,"
                 " content_type, size_bytes, blob_sha256, status, idempotency_key, trace_id,"
-                " created_at, updated_at) VALUES (%(job_id)s, %(document_id)s, %(collection)s,"
-                " %(filename)s, %(content_type)s, %(size_bytes)s, %(sha)s, 'queued', %(key)s,"
-                f" %(trace_id)s, {NOW}, {NOW}) ON CONFLICT DO NOTHING RETURNING job_id",
-                self._new_job_params(job),
+                " created_at, updated_at, priority, callback_url, admitted_at, stage_since)"
+                " VALUES (%(job_id)s, %(document_id)s, %(collection)s, %(filename)s,"
+                " %(content_type)s, %(size_bytes)s, %(sha)s, 'queued', %(key)s, %(trace_id)s,"
+                f" {NOW}, {NOW}, %(priority)s, %(callback_url)s,"
+                f" CASE WHEN %(admitted)s THEN {NOW} END, {NOW})"
+                " ON CONFLICT DO NOTHING RETURNING job_id",
+                {**self._new_job_params(job), "admitted": admitted},
             )
             if cur.fetchone() is None:
                 winner = self._by_key(cur, job.idempotency_key) or self._by_id(cur, job.job_id)
@@ -144,6 +157,8 @@ class PgJobStore:
             sha=job.blob_sha256,
             key=job.idempotency_key,
             trace_id=job.trace_id,
+            priority=job.priority,
+            callback_url=job.callback_url,
         )
 
     def _duplicate(self, cur: Cursor, job: NewJob) -> DictRow | None:
@@ -190,25 +205,41 @@ class PgJobStore:
         sql = "SELECT 1 FROM sluice_jobs WHERE job_id = %s AND confirmed_at IS NOT NULL"
         return bool(self._db.rows(sql, (job_id,)))
 
+    def is_admitted(self, job_id: str) -> bool:
+        """Whether the job was let into the pipeline (False while held, or unknown)."""
+        sql = "SELECT 1 FROM sluice_jobs WHERE job_id = %s AND admitted_at IS NOT NULL"
+        return bool(self._db.rows(sql, (job_id,)))
+
+    def claim_admissions(self, lease_s: float, limit: int) -> list[Job]:
+        """Admit the held jobs fair share picks now, each leased for `lease_s`, in order."""
+
+        def work(cur: Cursor) -> list[Job]:
+            rows = lanes.claim_admissions(cur, self.admission, lease_s, limit, self._params())
+            return jobs_of(cur, rows, self.pipeline)
+
+        return self._db.run(work)
+
     def claim_unconfirmed(self, older_than_s: float, lease_s: float, limit: int) -> list[Job]:
-        """Old unconfirmed jobs no one holds, each leased for `lease_s` to the caller."""
+        """Jobs admitted long ago and never confirmed that no one holds, each leased for
+        `lease_s` to the caller."""
 
         def work(cur: Cursor) -> list[Job]:
             # SKIP LOCKED: a job another gateway is claiming right now is its, not ours.
             # Only a document's current version: a deleted or replaced one is not worth
-            # publishing (it would bring a deleted document back into the index).
+            # publishing (it would bring a deleted document back into the index). Held jobs
+            # (admitted_at NULL) wait for the admitter, not for this.
             cur.execute(
                 f"UPDATE sluice_jobs j SET lease_until = {NOW} + make_interval(secs => %(lease)s)"
                 " WHERE j.job_id IN (SELECT c.job_id FROM sluice_jobs c"
                 " JOIN sluice_documents d ON d.current_job_id = c.job_id"
-                f" WHERE c.confirmed_at IS NULL AND c.created_at < {NOW}"
+                f" WHERE c.confirmed_at IS NULL AND c.admitted_at < {NOW}"
                 " - make_interval(secs => %(older)s)"
                 f" AND (c.lease_until IS NULL OR c.lease_until <= {NOW})"
-                " ORDER BY c.created_at LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED)"
+                " ORDER BY c.admitted_at LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED)"
                 f" RETURNING {JOB}",
                 self._params(lease=lease_s, older=older_than_s, limit=limit),
             )
-            rows = sorted(cur.fetchall(), key=lambda r: r["created_at"])
+            rows = sorted(cur.fetchall(), key=lambda r: r["admitted_at"])
             return jobs_of(cur, rows, self.pipeline)
 
         return self._db.run(work)
@@ -245,7 +276,7 @@ class PgJobStore:
         return self._db.run(work)
 
     def get(self, job_id: str) -> Job | None:
-        """One job with its progress and stage timings."""
+        """One job with its progress, stage timings and place in the queue."""
         return next(iter(self._jobs("WHERE j.job_id = %(job_id)s", job_id=job_id)), None)
 
     def page(
@@ -277,11 +308,12 @@ class PgJobStore:
         if stalled is not None:
             sql += " WHERE " + ("j.stalled" if stalled else "NOT j.stalled")
         sql += " ORDER BY j.created_at DESC, j.job_id DESC LIMIT %(limit)s"
+        queue = self._queue.current()
 
         def work(cur: Cursor) -> tuple[list[Job], str | None]:
             cur.execute(sql, params)
             rows = cur.fetchall()
-            jobs = jobs_of(cur, rows[:limit], self.pipeline)
+            jobs = jobs_of(cur, rows[:limit], self.pipeline, queue)
             last = rows[limit - 1] if len(rows) > limit and limit else None
             return jobs, encode_cursor(last["created_at"], last["job_id"]) if last else None
 
@@ -362,20 +394,39 @@ class PgJobStore:
             )
             rows = {r["job_id"]: r for r in cur.fetchall()}
             state = {i: state_of(r, s) for i, (r, s) in with_stages(cur, rows).items()}
+            before = dict(state)
+            webhook = {i: webhook_of(r) for i, r in rows.items()}
             touched: defaultdict[str, set[str]] = defaultdict(set)
+            hooked: set[str] = set()
+            new_round: set[str] = set()
             for event in events:
-                if event.job_id not in state:
+                job_id = event.job_id
+                if job_id not in state:
+                    continue
+                if states.is_side(self.pipeline, event):
+                    # The webhook stage's events touch only the job's webhook.
+                    after = states.webhook_after(webhook[job_id], event)
+                    if after != webhook[job_id]:
+                        webhook[job_id] = after
+                        hooked.add(job_id)
                     continue
                 new_unit = event.kind == "progress" and self._new_unit(cur, event)
-                state[event.job_id] = states.fold(
-                    state[event.job_id], event, new_unit=new_unit, pipeline=self.pipeline
-                )
-                touched[event.job_id].add(event.stage)
+                prior = state[job_id]
+                state[job_id] = states.fold(prior, event, new_unit=new_unit, pipeline=self.pipeline)
+                touched[job_id].add(event.stage)
+                if states.ended(prior, state[job_id]) and rows[job_id]["callback_url"]:
+                    # Its webhook is due: a new round, so a job that ends again is told again.
+                    webhook[job_id] = Webhook("pending")
+                    new_round.add(job_id)
+                    hooked.add(job_id)
             for job_id, stages in touched.items():
-                self._save(cur, job_id, state[job_id], stages)
-            if touched:
-                cur.execute(NOTIFY, {"channel": CHANNEL, "ids": sorted(touched)})
-            return set(touched)
+                self._save(cur, job_id, before[job_id], state[job_id], stages)
+            for job_id in sorted(hooked):
+                self._save_webhook(cur, job_id, webhook[job_id], new_round=job_id in new_round)
+            changed = set(touched) | hooked
+            if changed:
+                cur.execute(NOTIFY, {"channel": CHANNEL, "ids": sorted(changed)})
+            return changed
 
         return self._db.run(work)
 
@@ -388,15 +439,26 @@ class PgJobStore:
         )
         return cur.rowcount == 1
 
-    def _save(self, cur: Cursor, job_id: str, state: JobState, stages: Iterable[str]) -> None:
+    def _save(
+        self,
+        cur: Cursor,
+        job_id: str,
+        before: JobState,
+        state: JobState,
+        stages: Iterable[str],
+    ) -> None:
         # A stage's event proves the broker had the job's first message, even if the gateway
-        # that published it died before it could confirm: no one needs to publish it again.
+        # that published it died before it could confirm: no one needs to publish it again
+        # (nor admit it: it is in).
         cur.execute(
             "UPDATE sluice_jobs SET status = %(status)s, error = %(error)s, pages = %(pages)s,"
             " chunks_total = %(chunks_total)s, parsed_sha256 = %(parsed)s,"
             f" language = %(language)s, updated_at = {NOW},"
-            f" confirmed_at = COALESCE(confirmed_at, {NOW}) WHERE job_id = %(job_id)s",
+            f" stage_since = CASE WHEN %(moved)s THEN {NOW} ELSE stage_since END,"
+            f" confirmed_at = COALESCE(confirmed_at, {NOW}),"
+            f" admitted_at = COALESCE(admitted_at, {NOW}) WHERE job_id = %(job_id)s",
             self._params(
+                moved=state.status != before.status,
                 status=state.status,
                 error=state.error.model_dump_json() if state.error else None,
                 pages=state.pages,
@@ -420,6 +482,29 @@ class PgJobStore:
             ],
         )
 
+    def _save_webhook(
+        self, cur: Cursor, job_id: str, webhook: Webhook | None, *, new_round: bool
+    ) -> None:
+        if webhook is None:
+            return
+        cur.execute(
+            "UPDATE sluice_jobs SET webhook_status = %(status)s, webhook_attempts = %(attempts)s,"
+            " webhook_last_error = %(error)s"
+            + (
+                ", webhook_round = webhook_round + 1, webhook_published_at = NULL,"
+                " webhook_lease_until = NULL"
+                if new_round
+                else ""
+            )
+            + " WHERE job_id = %(job_id)s",
+            {
+                "status": webhook.status,
+                "attempts": webhook.attempts,
+                "error": webhook.last_error,
+                "job_id": job_id,
+            },
+        )
+
     def reopen(self, job_id: str) -> Job | None:
         """Put a failed job back in flight at the stage that failed (for a retry)."""
 
@@ -431,8 +516,11 @@ class PgJobStore:
             state = states.reopened(state_of(row_, stage_rows), self.pipeline)
             if state is None:
                 return False
+            # A webhook not yet sent waits until the job ends again (one sent is on its way).
             cur.execute(
-                f"UPDATE sluice_jobs SET status = %(status)s, error = NULL, updated_at = {NOW}"
+                f"UPDATE sluice_jobs SET status = %(status)s, error = NULL, updated_at = {NOW},"
+                f" stage_since = {NOW}, webhook_status = CASE WHEN webhook_status = 'pending'"
+                " AND webhook_published_at IS NULL THEN NULL ELSE webhook_status END"
                 " WHERE job_id = %(job_id)s",
                 self._params(status=state.status, job_id=job_id),
             )
@@ -449,3 +537,32 @@ class PgJobStore:
         """How many jobs are in each status."""
         sql = "SELECT status, count(*) AS n FROM sluice_jobs GROUP BY status"
         return {str(r["status"]): int(r["n"]) for r in self._db.rows(sql, ())}
+
+    def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
+        """Ended jobs whose webhook is due and unsent, no one holding it, oldest end first;
+        each with its callback URL, leased for `lease_s` to the caller."""
+
+        def work(cur: Cursor) -> list[tuple[Job, str]]:
+            rows = lanes.claim_webhooks(cur, lease_s, limit, self._params())
+            urls = [str(r["callback_url"]) for r in rows]
+            return list(zip(jobs_of(cur, rows, self.pipeline), urls, strict=True))
+
+        return self._db.run(work)
+
+    def webhook_published(self, job_id: str) -> None:
+        """The broker confirmed the job's webhook request: no one needs to claim it again."""
+        self._db.run(
+            lambda cur: cur.execute(
+                "UPDATE sluice_jobs SET webhook_published_at ="
+                f" COALESCE(webhook_published_at, {NOW})"
+                " WHERE job_id = %(job_id)s AND webhook_status IS NOT NULL",
+                self._params(job_id=job_id),
+            )
+        )
+
+    def _take_snapshot(self) -> QueueSnapshot:
+        return self._db.run(
+            lambda cur: lanes.take_snapshot(
+                cur, self._params(), self.pipeline, lanes=self.admission.lanes
+            )
+        )

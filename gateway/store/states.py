@@ -13,6 +13,7 @@ from datetime import datetime
 
 from contracts.events import JobError, JobEvent
 from contracts.pipeline import FAILED, INDEXED, QUEUED, Pipeline
+from gateway.http.schemas import WebhookStatus
 
 TERMINAL = frozenset({INDEXED, FAILED})
 
@@ -54,6 +55,10 @@ def later(pipeline: Pipeline, a: str, b: str) -> str:
 
 def fold(state: JobState, event: JobEvent, *, new_unit: bool, pipeline: Pipeline) -> JobState:
     """The job after `event`; `new_unit` says whether its (stage, batch) was not counted yet."""
+    if is_side(pipeline, event) or (event.kind == "retrying" and not pipeline.has(event.stage)):
+        # A side stage's events (the webhook's) are no step of the job: `webhook_after` has
+        # them; a retry is only counted as an attempt of a stage of the pipeline.
+        return state
     stage = state.stages.get(event.stage, StageState())
     stage = replace(
         stage,
@@ -103,6 +108,23 @@ def fold(state: JobState, event: JobEvent, *, new_unit: bool, pipeline: Pipeline
     )
 
 
+def ended(before: JobState, after: JobState) -> bool:
+    """Whether the job has just ended (indexed or failed): its webhook, if any, is due."""
+    return after.status in TERMINAL and before.status not in TERMINAL
+
+
+def stage_of_status(pipeline: Pipeline, status: str) -> str | None:
+    """The stage a job waits for or is in: the one whose status it has (`queued`: the first)."""
+    if status == QUEUED:
+        return pipeline.first.name
+    return next((s.name for s in pipeline.stages if s.status == status), None)
+
+
+def is_side(pipeline: Pipeline, event: JobEvent) -> bool:
+    """Whether an event comes from a side stage (the webhook), not a step of the job."""
+    return any(spec.name == event.stage for spec in pipeline.side)
+
+
 def _after_stage(pipeline: Pipeline, status: str, stage: str) -> str:
     """A finished stage hands the job to the next one: it waits there, and saying
     "chunking" for a document already chunked would mislead."""
@@ -122,3 +144,31 @@ def reopened(state: JobState, pipeline: Pipeline) -> JobState | None:
     failed_in = state.error.stage if state.error else None
     status = pipeline.spec(failed_in).status if failed_in and pipeline.has(failed_in) else QUEUED
     return replace(state, status=status, error=None)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where the delivery of a finished job to its callback URL stands."""
+
+    status: WebhookStatus
+    attempts: int = 0
+    last_error: str | None = None
+
+
+def webhook_after(webhook: Webhook | None, event: JobEvent) -> Webhook | None:
+    """The delivery after an event of the webhook side stage; such events never touch the
+    job itself. A job with no delivery under way (no callback, or not ended) has none."""
+    if webhook is None:
+        return None
+    attempts = max(webhook.attempts, event.attempt)
+    message = event.error.message if event.error else webhook.last_error
+    if event.kind == "progress":
+        return replace(webhook, status="delivered", attempts=attempts)
+    if webhook.status == "delivered":
+        # A late retry report of the attempt before the one that got through.
+        return replace(webhook, attempts=attempts)
+    if event.kind == "retrying":
+        return Webhook(status="retrying", attempts=event.attempt, last_error=message)
+    if event.kind == "failed":
+        return Webhook(status="failed", attempts=event.attempt, last_error=message)
+    return replace(webhook, attempts=attempts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
@@ -34,10 +35,18 @@ class Tracker:
     written from a worker thread so uploads on the event loop never wait for the disk.
     """
 
-    def __init__(self, broker: Broker, store: JobStore, changes: JobChanges) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        store: JobStore,
+        changes: JobChanges,
+        on_job_end: Callable[[], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.store = store
         self.changes = changes
+        # Called when a folded batch may have ended a job (a slot for a held job came free).
+        self.on_job_end = on_job_end
         self._pending: list[AbstractIncomingMessage] = []
         self._arrived = asyncio.Event()
         self._folder: asyncio.Task[None] | None = None
@@ -93,6 +102,10 @@ class Tracker:
     async def _fold(self, deliveries: list[AbstractIncomingMessage]) -> None:
         events = [event for delivery in deliveries if (event := _parse(delivery)) is not None]
         changed = await asyncio.to_thread(self.store.apply_all, events)
+        if self.on_job_end is not None and _may_end(
+            events, self.broker.settings.pipeline.last.name
+        ):
+            self.on_job_end()
         for event in events:
             if event.kind == "failed" and event.error:
                 with log_context(
@@ -115,3 +128,8 @@ def _parse(delivery: AbstractIncomingMessage) -> JobEvent | None:
         # A malformed status event cannot be applied and must not block the ones behind it.
         log.error("dropping an invalid job event %r: %s", delivery.body[:200], exc)
         return None
+
+
+def _may_end(events: list[JobEvent], last_stage: str) -> bool:
+    """Whether folding these may have ended a job: a failure, or the last stage's progress."""
+    return any(e.kind == "failed" or e.stage == last_stage for e in events)

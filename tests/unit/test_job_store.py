@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,9 +17,10 @@ import pytest
 
 from contracts.errors import Transient
 from contracts.events import JobEvent
+from contracts.routing import Lane
 from gateway.http.services import JobChanges
 from gateway.store import tracker as tracker_module
-from gateway.store.base import JobStore, NewJob
+from gateway.store.base import Admission, JobStore, NewJob
 from gateway.store.job_store import SqliteJobStore
 from gateway.store.tracker import Tracker
 
@@ -68,6 +70,39 @@ def test_jobs_from_before_confirmations_count_as_confirmed(tmp_path: Path) -> No
         assert duplicate is not None and duplicate.job_id == "j-old"
         new = NewJob("j-new", "d-new", "default", "n.pdf", "application/pdf", 1, "new-bytes")
         assert store.create(new) is None and not store.is_confirmed("j-new")
+    finally:
+        store.close()
+
+
+def test_jobs_from_before_lanes_were_admitted_when_recorded(tmp_path: Path) -> None:
+    store = SqliteJobStore(old_file(tmp_path / "jobs.sqlite3"), queue_max_age_s=0)
+    try:
+        job = store.get("j-old")
+        assert job is not None and store.is_admitted("j-old")
+        assert (job.priority, job.admitted_at, job.webhook) == ("interactive", job.created_at, None)
+        # In line for the first stage, nobody ahead; held by no admitter.
+        assert job.queue.position == 0 and store.claim_admissions(30, 10) == []
+    finally:
+        store.close()
+
+
+def test_a_page_of_jobs_is_placed_from_one_snapshot_kept_a_second(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", admission=Admission(bulk_in_flight=4))
+    statements: list[str] = []
+    try:
+        for n in range(120):
+            priority: Lane = "bulk" if n % 2 else "interactive"
+            job = NewJob(f"j{n}", f"d{n}", f"c{n % 5}", "a.pdf", "application/pdf", 1, f"s{n}")
+            assert store.create(replace(job, priority=priority)) is None
+        store._db.set_trace_callback(statements.append)
+        jobs, _ = store.page(None, None, 50, None)
+        assert len(jobs) == 50 and all(j.queue.position is not None for j in jobs)
+        # One read of the waiting jobs and one count of those that ended, not 50 of each.
+        assert sum("LEFT JOIN documents" in s for s in statements) == 1, statements
+        assert sum("COUNT(" in s.upper() for s in statements) == 1, statements
+        statements.clear()
+        store.page(None, None, 50, None)  # within the second: the same snapshot
+        assert not any("LEFT JOIN documents" in s for s in statements), statements
     finally:
         store.close()
 

@@ -22,8 +22,9 @@ from postgres import PostgresHandle
 
 from contracts.errors import Transient
 from contracts.events import JobError, JobEvent
+from contracts.routing import Lane
 from contracts.settings import Settings
-from gateway.store.base import JobStore, NewJob
+from gateway.store.base import Admission, JobStore, NewJob
 from gateway.store.changes import (
     APPLICATION_NAME,
     InProcessChangeFeed,
@@ -31,7 +32,9 @@ from gateway.store.changes import (
     open_change_feed,
 )
 from gateway.store.job_store import SqliteJobStore
+from gateway.store.pg_job_db import COMPONENT, MIGRATIONS
 from gateway.store.pg_job_store import PgJobStore
+from stages.backends.pg_schema import migrate
 
 T = TypeVar("T")
 # Whatever a test waits on, it waits at most this long (never a bare sleep).
@@ -106,6 +109,8 @@ def new_job(
     key: str | None = None,
     *,
     replaces: bool = False,
+    priority: Lane = "interactive",
+    callback_url: str | None = None,
 ) -> NewJob:
     """A job about to be queued; its bytes are its own unless `sha` says otherwise."""
     return NewJob(
@@ -118,6 +123,8 @@ def new_job(
         blob_sha256=sha or f"sha-of-{job_id}",
         idempotency_key=key,
         replaces=replaces,
+        priority=priority,
+        callback_url=callback_url,
     )
 
 
@@ -459,7 +466,8 @@ def test_concurrent_claims_never_share_a_job(backend: Backend) -> None:
     clock = Clock()
     stores = [backend.open(clock=clock) for _ in range(3)]
     for n in range(40):
-        assert stores[0].create(new_job(f"j{n}", f"d{n}")) is None
+        # Four collections: none past its cap of interactive jobs in flight, so none held.
+        assert stores[0].create(new_job(f"j{n}", f"d{n}", f"c{n % 4}")) is None
     clock.advance(120)
     claims = at_once(12, lambda i: [j.job_id for j in stores[i % 3].claim_unconfirmed(60, 30, 5)])
     taken = [job_id for claim in claims for job_id in claim]
@@ -583,5 +591,347 @@ def test_an_unreachable_database_is_a_transient_error_that_says_where() -> None:
         assert "SLUICE_JOB_STORE_URL" in raised.value.message
         with pytest.raises(Transient):
             store.get("j1")
+    finally:
+        store.close()
+
+
+# --- lanes: holding and fair admission --------------------------------------------------------
+
+
+def lanes_store(backend: Backend, clock: Clock | None = None, **policy: Any) -> JobStore:
+    """A store with lanes, small caps (unless `policy` says otherwise) and a fresh queue
+    snapshot at every read."""
+    caps = {"bulk_in_flight": 3, "interactive_per_collection": 2, **policy}
+    return backend.open(clock=clock or Clock(), admission=Admission(**caps), queue_max_age_s=0)
+
+
+def ends(store: JobStore, job_id: str, document_id: str) -> None:
+    """The job is indexed (its last stage's only batch arrived)."""
+    store.apply(event("index", job=job_id, document_id=document_id))
+
+
+def admitted(store: JobStore) -> list[str]:
+    """Admit what there is room for; the ids in the order admitted."""
+    return [j.job_id for j in store.claim_admissions(30, 100)]
+
+
+def test_bulk_work_is_held_and_interactive_work_goes_in_at_once(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock)
+    assert store.create(new_job("i1", "di1")) is None
+    assert store.create(new_job("b1", "db1", priority="bulk")) is None
+    assert store.is_admitted("i1") and not store.is_admitted("b1")
+    assert not store.is_admitted("nope")
+    interactive, bulk = get(store, "i1"), get(store, "b1")
+    assert (interactive.priority, bulk.priority) == ("interactive", "bulk")
+    assert interactive.admitted_at is not None and bulk.admitted_at is None
+    assert bulk.status == "queued"
+
+    # However long it waits, a held job is neither stalled nor a dead gateway's leftover.
+    clock.advance(3600)
+    assert not get(store, "b1").stalled
+    assert [j.job_id for j in store.claim_unconfirmed(60, 30, 10)] == ["i1"]
+    store.confirm("i1")
+
+    assert admitted(store) == ["b1"]
+    assert admitted(store) == []  # once is enough
+    assert get(store, "b1").admitted_at is not None
+    # Leased to its admitter while it publishes; if that gateway dies, the lease runs out
+    # and the republisher sends it like any job admitted and never confirmed.
+    assert store.claim_unconfirmed(60, 30, 10) == []
+    clock.advance(61)
+    assert [j.job_id for j in store.claim_unconfirmed(60, 30, 10)] == ["b1"]
+
+
+def test_a_held_job_the_broker_cannot_take_is_forgotten_or_never_admitted(
+    backend: Backend,
+) -> None:
+    store = lanes_store(backend)
+    assert store.create(new_job("b1", "d1", priority="bulk")) is None
+    assert store.forget("b1")  # its 202 was refused: the broker was away
+    assert store.create(new_job("b2", "d2", priority="bulk")) is None
+    assert store.create(new_job("b3", "d3", priority="bulk")) is None
+    store.delete_document("d2")  # deleted while it waited: nothing to ingest
+    assert store.create(new_job("b4", "d3", priority="bulk", replaces=True)) is None
+    assert admitted(store) == ["b4"]  # b3 was replaced by a newer version
+    assert get(store, "b2").queue.position is None
+
+
+def test_admission_is_fair_between_collections_within_the_bulk_cap(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock)  # 3 bulk jobs in flight at most
+    for n in range(5):
+        assert store.create(new_job(f"a{n}", f"da{n}", "big", priority="bulk")) is None
+        clock.advance(1)
+    for n in range(2):
+        assert store.create(new_job(f"b{n}", f"db{n}", "mid", priority="bulk")) is None
+        clock.advance(1)
+    assert store.create(new_job("c0", "dc0", "small", priority="bulk")) is None
+
+    # Each turn goes to the collection with the fewest in flight, its oldest job first:
+    # the late collections get in beside the big one's backlog, not after it.
+    assert admitted(store) == ["a0", "b0", "c0"]
+    assert admitted(store) == []  # the lane is full
+    ends(store, "a0", "da0")
+    assert admitted(store) == ["a1"]  # big has none in flight now, mid and small one each
+    ends(store, "b0", "db0")
+    assert admitted(store) == ["b1"]  # mid has none; big and small one each
+    error = JobError(stage="parse", code="bad", message="bad", retryable=False)
+    store.apply(event("parse", "failed", "c0", document_id="dc0", error=error))
+    assert admitted(store) == ["a2"]  # small has nothing left: big takes the free slot
+    assert admitted(store) == []
+    for job_id, document_id in (("a1", "da1"), ("b1", "db1"), ("a2", "da2")):
+        ends(store, job_id, document_id)
+    assert admitted(store) == ["a3", "a4"]
+
+
+def test_one_collections_interactive_flood_does_not_hold_anothers(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock)  # 2 interactive jobs in flight per collection
+    for n in range(4):
+        assert store.create(new_job(f"x{n}", f"dx{n}", "flood")) is None
+        clock.advance(1)
+    assert [store.is_admitted(f"x{n}") for n in range(4)] == [True, True, False, False]
+    assert store.create(new_job("y0", "dy0", "calm")) is None
+    assert store.is_admitted("y0")  # its own collection's cap, not the flood's
+    assert store.create(new_job("b0", "db0", "calm", priority="bulk")) is None
+    assert admitted(store) == ["b0"]  # the flood is at its cap; bulk has room
+    ends(store, "x0", "dx0")
+    # A slot came free: the oldest held job takes it, and a new upload waits behind it.
+    assert store.create(new_job("x4", "dx4", "flood")) is None
+    assert not store.is_admitted("x4")
+    assert admitted(store) == ["x2"]
+    ends(store, "x1", "dx1")
+    ends(store, "x2", "dx2")
+    assert admitted(store) == ["x3", "x4"]
+
+
+def test_concurrent_admitters_never_overfill_the_lane(backend: Backend) -> None:
+    clock = Clock()
+    stores = [lanes_store(backend, clock, bulk_in_flight=5) for _ in range(3)]
+    for n in range(30):
+        job = new_job(f"b{n}", f"d{n}", f"c{n % 6}", priority="bulk")
+        assert stores[0].create(job) is None
+    claims = at_once(9, lambda i: [j.job_id for j in stores[i % 3].claim_admissions(30, 10)])
+    taken = [job_id for claim in claims for job_id in claim]
+    assert len(taken) == len(set(taken)) == 5, claims
+    # One from each of five collections: fair even when claimed from three gateways at once.
+    assert len({get(stores[0], job_id).collection for job_id in taken}) == 5
+
+
+def test_with_lanes_off_nothing_is_held(backend: Backend) -> None:
+    store = lanes_store(backend, lanes=False)
+    for n in range(5):
+        assert store.create(new_job(f"b{n}", f"d{n}", priority="bulk")) is None
+        assert store.create(new_job(f"i{n}", f"e{n}")) is None
+    assert all(store.is_admitted(j) for n in range(5) for j in (f"b{n}", f"i{n}"))
+    assert admitted(store) == []
+
+
+# --- lanes: queue places and ETA ---------------------------------------------------------------
+
+
+def test_positions_count_the_lane_ahead_in_the_same_stage(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock, bulk_in_flight=1, interactive_per_collection=10)
+    for n in range(3):
+        assert store.create(new_job(f"i{n}", f"di{n}")) is None
+        clock.advance(1)
+    for job_id, collection in (("a0", "A"), ("a1", "A"), ("a2", "A"), ("a3", "A")):
+        assert store.create(new_job(job_id, f"d{job_id}", collection, priority="bulk")) is None
+        clock.advance(1)
+    for job_id in ("b0", "b1"):
+        assert store.create(new_job(job_id, f"d{job_id}", "B", priority="bulk")) is None
+        clock.advance(1)
+
+    def positions(*job_ids: str) -> list[int | None]:
+        return [get(store, job_id).queue.position for job_id in job_ids]
+
+    # Interactive work waits only for interactive work: the bulk backlog is not ahead of it.
+    assert positions("i0", "i1", "i2") == [0, 1, 2]
+    assert admitted(store) == ["a0"]
+    # Held: the lane's admitted jobs waiting for the first stage (a0), then fair turns
+    # (rank r in its collection, plus about r of every other collection's).
+    assert positions("a0", "a1", "b0", "a2", "b1", "a3") == [0, 1, 1, 3, 3, 5]
+
+    store.apply(event("parse", "started", "i0", document_id="di0"))
+    assert positions("i0", "i1", "i2") == [0, 0, 1]  # i0 is in parse's hands
+    store.apply(event("parse", "progress", "i0", document_id="di0"))  # parsed: waits for chunk
+    store.apply(event("parse", "started", "i1", document_id="di1"))
+    store.apply(event("parse", "progress", "i1", document_id="di1"))
+    assert get(store, "i1").status == "chunking"
+    # In line for chunk, i0 first; i2 still waits for parse with no one ahead.
+    assert positions("i0", "i1", "i2") == [0, 1, 0]
+    store.apply(event("chunk", "started", "i1", document_id="di1"))
+    assert positions("i1") == [0]  # chunk has it: nothing is ahead any more
+
+    # Listed, the jobs have the same places as one at a time (from one snapshot).
+    listed = {j.job_id: j.queue for j in store.page(None, None, 50, None)[0]}
+    assert {job_id: listed[job_id] for job_id in ("i0", "i1", "i2", "a1", "a3")} == {
+        job_id: get(store, job_id).queue for job_id in ("i0", "i1", "i2", "a1", "a3")
+    }
+    ends(store, "i2", "di2")
+    assert get(store, "i2").queue.model_dump() == {"position": None, "eta_s": None}
+
+
+def test_eta_comes_from_how_fast_the_lane_drained_in_the_last_minute(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock, interactive_per_collection=10)
+    for n in range(4):
+        assert store.create(new_job(f"i{n}", f"d{n}")) is None
+        clock.advance(1)
+    assert get(store, "i3").queue.eta_s is None  # nothing ended yet: no rate to go by
+    store.apply(event("parse", "progress", "i0", document_id="d0"))  # i0 went on to chunk
+    ends(store, "i1", "d1")
+    clock.advance(10)
+    ends(store, "i2", "d2")
+    # Two ended in the last minute: 30 s a job. i3 has i0 ahead of it (further on).
+    assert get(store, "i3").queue.eta_s == 60.0
+    assert get(store, "i0").queue.eta_s == 30.0
+    clock.advance(55)  # i1 ended more than a minute ago now
+    assert get(store, "i3").queue.eta_s == 120.0
+    clock.advance(10)
+    assert get(store, "i3").queue.eta_s is None
+    # The bulk lane's rate is its own.
+    assert store.create(new_job("b0", "db0", priority="bulk")) is None
+    ends(store, "i0", "d0")
+    assert get(store, "b0").queue.eta_s is None and get(store, "i3").queue.eta_s == 60.0
+
+
+def test_with_lanes_off_positions_count_every_job(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock, lanes=False)
+    in_order: tuple[Lane, ...] = ("bulk", "interactive", "bulk")
+    for n, priority in enumerate(in_order):
+        assert store.create(new_job(f"j{n}", f"d{n}", priority=priority)) is None
+        clock.advance(1)
+    assert [get(store, f"j{n}").queue.position for n in range(3)] == [0, 1, 2]
+
+
+# --- lanes: webhooks ----------------------------------------------------------------------------
+
+URL = "https://hooks.example/sluice?token=s3cret"
+
+
+def webhook_event(kind: str, attempt: int = 1, message: str | None = None) -> JobEvent:
+    """An event of the webhook side stage for job j1."""
+    error = JobError(stage="webhook", code="http_503", message=message or "", retryable=True)
+    return event("webhook", kind, attempt=attempt, error=error if message else None)
+
+
+def test_an_ended_job_with_a_callback_has_its_webhook_claimed_once(backend: Backend) -> None:
+    clock = Clock()
+    store = lanes_store(backend, clock)
+    assert store.create(new_job("j1", "d1", callback_url=URL)) is None
+    assert store.create(new_job("j2", "d2")) is None  # no callback: no webhook, ever
+    store.apply(webhook_event("progress"))  # nothing is due yet: ignored
+    assert get(store, "j1").webhook is None
+    assert store.claim_webhooks(30, 10) == []
+
+    ends(store, "j2", "d2")
+    clock.advance(1)
+    ends(store, "j1", "d1")
+    job = get(store, "j1")
+    assert job.webhook is not None and job.webhook.model_dump() == {
+        "status": "pending",
+        "attempts": 0,
+        "last_error": None,
+        "round": 1,
+    }
+    assert "s3cret" not in job.model_dump_json()  # the URL may hold a token: never shown
+    assert get(store, "j2").webhook is None
+
+    ((claimed, url),) = store.claim_webhooks(30, 10)
+    assert (claimed.job_id, url) == ("j1", URL)
+    assert store.claim_webhooks(30, 10) == []  # leased to its claimer
+    clock.advance(31)
+    # The claimer died before it published: the next one gets it.
+    assert [j.job_id for j, _ in store.claim_webhooks(30, 10)] == ["j1"]
+    store.webhook_published("j1")
+    clock.advance(31)
+    assert store.claim_webhooks(30, 10) == []
+
+
+def test_webhook_events_move_only_the_webhook(backend: Backend) -> None:
+    store = lanes_store(backend)
+    assert store.create(new_job("j1", "d1", callback_url=URL)) is None
+    error = JobError(stage="embed", code="model_down", message="no model", retryable=True)
+    store.apply(event("embed", "failed", error=error, attempt=2))
+    before = get(store, "j1")
+
+    def webhook() -> dict[str, Any]:
+        job = get(store, "j1")
+        # Status, error, stages and progress are the job's, whatever its webhook does.
+        unchanged = ("status", "error", "stages", "progress", "updated_at")
+        assert [getattr(job, f) for f in unchanged] == [getattr(before, f) for f in unchanged]
+        assert job.webhook is not None
+        state: dict[str, Any] = job.webhook.model_dump(exclude={"round"})
+        return state
+
+    store.apply(webhook_event("started"))
+    assert webhook() == {"status": "pending", "attempts": 1, "last_error": None}
+    store.apply(webhook_event("retrying", 1, "the receiver answered 503"))
+    assert webhook() == {
+        "status": "retrying",
+        "attempts": 1,
+        "last_error": "the receiver answered 503",
+    }
+    store.apply(webhook_event("failed", 12, "gave up after 12 attempts"))
+    assert webhook() == {
+        "status": "failed",
+        "attempts": 12,
+        "last_error": "gave up after 12 attempts",
+    }
+    store.apply(webhook_event("progress", 13))  # replayed from its dead letter, and sent
+    assert webhook()["status"] == "delivered"
+    store.apply(webhook_event("retrying", 12, "late"))  # a report from before: ignored
+    assert webhook() == {
+        "status": "delivered",
+        "attempts": 13,
+        "last_error": "gave up after 12 attempts",
+    }
+    assert "webhook" not in get(store, "j1").stages
+
+
+def test_a_retried_job_is_told_again_when_it_ends_again(backend: Backend) -> None:
+    store = lanes_store(backend)
+    assert store.create(new_job("j1", "d1", callback_url=URL)) is None
+    error = JobError(stage="index", code="disk_full", message="full", retryable=True)
+    store.apply(event("index", "failed", error=error))
+    reopened = store.reopen("j1")
+    # Retried before its webhook went out: nothing is due until it ends again.
+    assert reopened is not None and reopened.webhook is None
+    assert store.claim_webhooks(30, 10) == []
+    ends(store, "j1", "d1")
+    ((job, _),) = store.claim_webhooks(30, 10)
+    assert job.webhook is not None and (job.webhook.status, job.webhook.round) == ("pending", 2)
+    assert job.status == "indexed"
+
+
+def test_a_retry_counts_as_an_attempt_of_a_pipeline_stage_only(backend: Backend) -> None:
+    store = lanes_store(backend)
+    assert store.create(new_job("j1", "d1", callback_url=URL)) is None
+    error = JobError(stage="parse", code="timeout", message="slow", retryable=True)
+    store.apply(event("parse", "retrying", attempt=2, error=error))
+    job = get(store, "j1")
+    assert (job.status, job.error, job.stages["parse"].attempts) == ("parsing", None, 2)
+    store.apply(webhook_event("retrying", 3, "not ended yet"))
+    assert set(get(store, "j1").stages) == {"parse"} and get(store, "j1").webhook is None
+
+
+def test_a_store_from_before_lanes_counts_its_jobs_admitted(postgres: PostgresHandle) -> None:
+    url = postgres.database("before_lanes")
+    with psycopg.connect(url) as conn:
+        migrate(conn, COMPONENT, MIGRATIONS[:1])
+        conn.execute(
+            "INSERT INTO sluice_jobs (job_id, document_id, collection, filename, content_type,"
+            " size_bytes, blob_sha256, status, created_at, updated_at) VALUES ('old', 'd-old',"
+            " 'default', 'old.pdf', 'application/pdf', 1, 'x', 'queued', now(), now())"
+        )
+    store = PgJobStore(url, queue_max_age_s=0)
+    try:
+        job = get(store, "old")
+        assert job.priority == "interactive" and job.admitted_at == job.created_at
+        assert job.queue.position == 0 and store.is_admitted("old")
     finally:
         store.close()

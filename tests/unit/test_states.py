@@ -95,3 +95,32 @@ def test_an_unknown_stage_is_timed_but_never_moves_the_status() -> None:
     state = _run([(_event("parse"), True), (_event("gone"), True)])
     assert state.status == "chunking"
     assert state.stages["gone"].units_done == 1
+
+
+def test_a_retry_is_an_attempt_of_a_pipeline_stage_and_nothing_else() -> None:
+    error = {"stage": "embed", "code": "x", "message": "model away", "retryable": True}
+    state = _run([(_event("embed", kind="retrying", attempt=2, error=error), False)])
+    assert (state.status, state.error, state.stages["embed"].attempts) == ("embedding", None, 2)
+    # Not a stage of this pipeline, or a side stage: the job does not move at all.
+    for stage in ("gone", "webhook"):
+        assert _run([(_event(stage, kind="retrying", attempt=3, error=error), False)]) == JobState()
+    failed = {**error, "stage": "webhook"}
+    assert _run([(_event("webhook", kind="failed", error=failed), False)]) == JobState()
+
+
+def test_a_webhook_is_delivered_retried_or_failed_and_stays_delivered() -> None:
+    error = JobError(stage="webhook", code="http_500", message="500 from receiver", retryable=True)
+
+    def hook(kind: str, attempt: int = 1, *, broke: bool = False) -> JobEvent:
+        return _event("webhook", kind=kind, attempt=attempt, error=error if broke else None)
+
+    pending = states.Webhook("pending")
+    assert states.webhook_after(None, hook("progress")) is None  # nothing due: nothing to move
+    started = states.webhook_after(pending, hook("started", 2))
+    assert started == states.Webhook("pending", attempts=2)
+    retrying = states.webhook_after(started, hook("retrying", 2, broke=True))
+    assert retrying == states.Webhook("retrying", 2, "500 from receiver")
+    delivered = states.webhook_after(retrying, hook("progress", 3))
+    assert delivered == states.Webhook("delivered", 3, "500 from receiver")
+    late = states.webhook_after(delivered, hook("failed", 2, broke=True))
+    assert late == delivered

@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse
 
 from contracts.messages import COLLECTION_PATTERN
 from gateway.http import gateway_metrics as metrics
+from gateway.http.callbacks import ApiKeyDep, resolve_callback_url
 from gateway.http.errors import ApiError
 from gateway.http.services import Access, AccessDep, Services, ServicesDep, require_api_key
-from gateway.http.uploads import accept
+from gateway.http.uploads import accept, valid_priority
 
 router = APIRouter(prefix="/v1/documents", dependencies=[Depends(require_api_key)])
 
@@ -54,11 +55,19 @@ async def upload(
     file: Annotated[UploadFile, File()],
     collection: Annotated[str, Form()] = "default",
     idempotency_key: Annotated[str | None, Header()] = None,
+    priority: Annotated[str, Form()] = "interactive",
+    callback_url: Annotated[str | None, Form()] = None,
+    api_key: ApiKeyDep = None,
 ) -> JSONResponse:
-    """Accept one document; 202 once the broker confirmed its first message."""
+    """Accept one document; 202 once the broker confirmed its first message (a bulk one,
+    held for its fair turn, once it is recorded)."""
     access.require(valid_collection(collection))
+    lane = valid_priority(priority)
     with metrics.upload_answer() as outcome:
-        status, answer = await accept(services, file, collection, idempotency_key)
+        callback = await resolve_callback_url(callback_url, api_key, services.settings)
+        status, answer = await accept(
+            services, file, collection, idempotency_key, priority=lane, callback_url=callback
+        )
         outcome(status)
     return _answer(status, answer.model_dump(mode="json"), answer.job_id)
 
@@ -69,11 +78,24 @@ async def replace(
     access: AccessDep,
     document_id: str,
     file: Annotated[UploadFile, File()],
+    priority: Annotated[str, Form()] = "interactive",
+    callback_url: Annotated[str | None, Form()] = None,
+    api_key: ApiKeyDep = None,
 ) -> JSONResponse:
     """Upload a new version; the old one stays searchable until the new one is indexed."""
     collection = await _collection_of(services, access, document_id)
+    lane = valid_priority(priority)
     with metrics.upload_answer() as outcome:
-        status, answer = await accept(services, file, collection, None, document_id=document_id)
+        callback = await resolve_callback_url(callback_url, api_key, services.settings)
+        status, answer = await accept(
+            services,
+            file,
+            collection,
+            None,
+            document_id=document_id,
+            priority=lane,
+            callback_url=callback,
+        )
         outcome(status)
     return _answer(status, answer.model_dump(mode="json"), answer.job_id)
 
