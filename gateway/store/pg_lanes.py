@@ -16,7 +16,7 @@ from gateway.store.base import Admission, NewJob
 from gateway.store.fair_share import Held, admission_order
 from gateway.store.job_rows import waiting_of
 from gateway.store.pg_job_db import JOB, NOW, Cursor
-from gateway.store.queue_place import RATE_WINDOW_S, QueueSnapshot
+from gateway.store.queue_place import RATE_WINDOW_S, Ended, QueueSnapshot
 
 # Two int4 keys: a lock space apart from the bigint keys of the schema and upload locks.
 _ADMISSION_LOCK = (0x736C7563, 1)
@@ -112,11 +112,13 @@ def take_snapshot(
     )
     waiting = [waiting_of(r) for r in cur.fetchall()]
     cur.execute(
-        "SELECT priority, count(*) AS n FROM sluice_jobs WHERE status IN ('indexed', 'failed')"
+        "SELECT priority, count(*) AS n,"
+        f" EXTRACT(EPOCH FROM {NOW} - min(stage_since)) AS span_s"
+        " FROM sluice_jobs WHERE status IN ('indexed', 'failed')"
         f" AND stage_since >= {NOW} - make_interval(secs => %(window)s) GROUP BY priority",
         {**params, "window": RATE_WINDOW_S},
     )
-    ended = {str(r["priority"]): int(r["n"]) for r in cur.fetchall()}
+    ended = {str(r["priority"]): Ended(int(r["n"]), float(r["span_s"])) for r in cur.fetchall()}
     return QueueSnapshot(waiting, ended, pipeline=pipeline, lanes=lanes)
 
 

@@ -17,7 +17,9 @@ each other; with lanes off there is one lane):
   collection's held jobs (from 0), about `r` jobs of every other collection go first, or all
   of a collection that has fewer: `r + Σ_other min(held_c, r)`.
 - `eta_s` is (the jobs of its lane ahead of it anywhere in the pipeline + 1), divided by how
-  many jobs of that lane ended per second over the last minute; null when none did.
+  many jobs of that lane ended per second over the last minute; null when none did. The
+  minute counts from the first of those ends (at least `MIN_RATE_SPAN_S` back), so the
+  first seconds of an import are not measured as a mostly idle minute.
 """
 
 from __future__ import annotations
@@ -34,10 +36,20 @@ from contracts.pipeline import QUEUED, Pipeline
 from gateway.http.schemas import Job, QueuePlace
 from gateway.store.states import TERMINAL, stage_of_status
 
-# The window the drain rate is measured over.
+# The window the drain rate is measured over, and the shortest span it is divided by (a
+# handful of ends moments apart is not a rate of thousands a minute).
 RATE_WINDOW_S = 60.0
+MIN_RATE_SPAN_S = 10.0
 # The lane of every job while lanes are off: one FIFO.
 _ONE_LANE = "all"
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How many jobs of a lane ended in the last minute, and how long ago the first did."""
+
+    jobs: int
+    span_s: float
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ class QueueSnapshot:
     def __init__(
         self,
         waiting: Iterable[Waiting],
-        ended_last_minute: Mapping[str, int],
+        ended_last_minute: Mapping[str, Ended],
         *,
         pipeline: Pipeline,
         lanes: bool,
@@ -73,8 +85,17 @@ class QueueSnapshot:
         self.lanes = lanes
         self._order = {status: n for n, status in enumerate(pipeline.statuses)}
         self._ended: Counter[str] = Counter()
-        for priority, n in ended_last_minute.items():
-            self._ended[self._lane(priority)] += n
+        span: defaultdict[str, float] = defaultdict(float)
+        for priority, ended in ended_last_minute.items():
+            lane = self._lane(priority)
+            self._ended[lane] += ended.jobs
+            span[lane] = max(span[lane], ended.span_s)
+        # Jobs of each lane that end per second, as last measured.
+        self._rate = {
+            lane: n / min(RATE_WINDOW_S, max(MIN_RATE_SPAN_S, span[lane]))
+            for lane, n in self._ended.items()
+            if n
+        }
         in_status: defaultdict[tuple[str, str], list[tuple[datetime, str]]] = defaultdict(list)
         by_order: defaultdict[str, Counter[int]] = defaultdict(Counter)
         held: defaultdict[tuple[str, str], list[tuple[datetime, str]]] = defaultdict(list)
@@ -124,8 +145,8 @@ class QueueSnapshot:
             position = 0 if self._started(job) else before
             later = self._at_or_after.get(lane)
             ahead = before + (later[order + 1] if later and order + 1 < len(later) else 0)
-        ended = self._ended[lane]
-        eta_s = round((ahead + 1) * RATE_WINDOW_S / ended, 1) if ended else None
+        rate = self._rate.get(lane)
+        eta_s = round((ahead + 1) / rate, 1) if rate else None
         return QueuePlace(position=position, eta_s=eta_s)
 
     def _waiting_for_first(self, lane: str) -> int:

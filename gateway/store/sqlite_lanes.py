@@ -15,7 +15,7 @@ from contracts.routing import BULK, INTERACTIVE
 from gateway.store.base import Admission, NewJob
 from gateway.store.fair_share import Held, admission_order
 from gateway.store.job_rows import as_time, waiting_of
-from gateway.store.queue_place import RATE_WINDOW_S, QueueSnapshot
+from gateway.store.queue_place import RATE_WINDOW_S, Ended, QueueSnapshot
 
 # Admitted, not ended, and either in the pipeline for sure or still worth publishing (a job
 # of a deleted document that was never confirmed will never run, and holds no slot).
@@ -104,13 +104,18 @@ def take_snapshot(
     ).fetchall()
     since = (now - timedelta(seconds=RATE_WINDOW_S)).isoformat()
     ended = db.execute(
-        "SELECT priority, COUNT(*) AS n FROM jobs"
+        "SELECT priority, COUNT(*) AS n, MIN(stage_since) AS first FROM jobs"
         " WHERE status IN ('indexed', 'failed') AND stage_since >= ? GROUP BY priority",
         (since,),
     ).fetchall()
     return QueueSnapshot(
         (waiting_of(r) for r in waiting),
-        {str(r["priority"]): int(r["n"]) for r in ended},
+        {
+            str(r["priority"]): Ended(
+                int(r["n"]), (now - datetime.fromisoformat(r["first"])).total_seconds()
+            )
+            for r in ended
+        },
         pipeline=pipeline,
         lanes=lanes,
     )

@@ -785,17 +785,18 @@ def test_eta_comes_from_how_fast_the_lane_drained_in_the_last_minute(backend: Ba
     ends(store, "i1", "d1")
     clock.advance(10)
     ends(store, "i2", "d2")
-    # Two ended in the last minute: 30 s a job. i3 has i0 ahead of it (further on).
-    assert get(store, "i3").queue.eta_s == 60.0
-    assert get(store, "i0").queue.eta_s == 30.0
-    clock.advance(55)  # i1 ended more than a minute ago now
-    assert get(store, "i3").queue.eta_s == 120.0
+    # Two ended within the last 10 s (the shortest span a rate is taken over): 5 s a job,
+    # not 30 (a minute that had only just begun). i3 has i0 ahead of it (further on).
+    assert get(store, "i3").queue.eta_s == 10.0
+    assert get(store, "i0").queue.eta_s == 5.0
+    clock.advance(55)  # i1 ended more than a minute ago now; i2 55 s ago
+    assert get(store, "i3").queue.eta_s == 110.0
     clock.advance(10)
     assert get(store, "i3").queue.eta_s is None
     # The bulk lane's rate is its own.
     assert store.create(new_job("b0", "db0", priority="bulk")) is None
     ends(store, "i0", "d0")
-    assert get(store, "b0").queue.eta_s is None and get(store, "i3").queue.eta_s == 60.0
+    assert get(store, "b0").queue.eta_s is None and get(store, "i3").queue.eta_s == 10.0
 
 
 def test_with_lanes_off_positions_count_every_job(backend: Backend) -> None:
