@@ -18,6 +18,7 @@ from gateway.http.pipeline_monitor import PipelineMonitor
 from gateway.http.republisher import Republisher
 from gateway.http.routes import (
     api_docs,
+    collections,
     dead_letters,
     documents,
     jobs,
@@ -128,7 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
         FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
-    for module in (documents, jobs, dead_letters, search, ops, page, pipeline):
+    for module in (documents, jobs, collections, dead_letters, search, ops, page, pipeline):
         app.include_router(module.router)
     return app
 

@@ -60,6 +60,16 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class CollectionCounts:
+    """One collection as the job store knows it: its documents (in any state) and the chunks
+    of those whose current version is indexed."""
+
+    collection: str
+    documents: int
+    chunks: int
+
+
+@dataclass(frozen=True)
 class JobBlobs:
     """The blobs a job wrote."""
 
@@ -184,6 +194,9 @@ class JobStore(Protocol):
 
     def ping(self) -> None: ...
     def count_by_status(self) -> dict[str, int]: ...
+    def collections(self) -> list[CollectionCounts]:
+        """Every collection with a document, by name: its documents and indexed chunks."""
+        ...
 
 
 def open_job_store(settings: Settings) -> JobStore:

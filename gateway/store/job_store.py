@@ -23,7 +23,7 @@ from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
 from gateway.store import sqlite_lanes as lanes
 from gateway.store import states
-from gateway.store.base import Admission, JobBlobs, NewJob
+from gateway.store.base import Admission, CollectionCounts, JobBlobs, NewJob
 from gateway.store.job_rows import (
     decode_cursor,
     encode_cursor,
@@ -34,6 +34,14 @@ from gateway.store.job_rows import (
 from gateway.store.queue_place import QueueSnapshot, QueueSnapshots
 from gateway.store.sqlite_schema import open_database
 from gateway.store.states import TERMINAL, JobState
+
+# A collection's documents and the chunks of those whose current version is indexed.
+_COLLECTIONS = (
+    "SELECT d.collection, COUNT(*),"
+    " COALESCE(SUM(CASE WHEN j.status = 'indexed' THEN j.chunks_total ELSE 0 END), 0)"
+    " FROM documents d JOIN jobs j ON j.job_id = d.current_job_id"
+    " GROUP BY d.collection ORDER BY d.collection"
+)
 
 
 def _utc_now() -> datetime:
@@ -510,6 +518,12 @@ class SqliteJobStore:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
             return {str(status): int(n) for status, n in rows.fetchall()}
+
+    def collections(self) -> list[CollectionCounts]:
+        """Every collection with a document, by name: its documents and indexed chunks."""
+        with self._lock:
+            rows = self._db.execute(_COLLECTIONS).fetchall()
+        return [CollectionCounts(str(c), int(d), int(n)) for c, d, n in rows]
 
     def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
         """Ended jobs whose webhook is due and unsent, no one holding it, oldest end first;

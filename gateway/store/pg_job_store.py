@@ -33,7 +33,7 @@ from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
 from gateway.store import pg_lanes as lanes
 from gateway.store import states
-from gateway.store.base import Admission, JobBlobs, NewJob
+from gateway.store.base import Admission, CollectionCounts, JobBlobs, NewJob
 from gateway.store.changes import CHANNEL
 from gateway.store.job_rows import decode_cursor, encode_cursor, state_of, webhook_of
 from gateway.store.pg_job_db import (
@@ -537,6 +537,19 @@ class PgJobStore:
         """How many jobs are in each status."""
         sql = "SELECT status, count(*) AS n FROM sluice_jobs GROUP BY status"
         return {str(r["status"]): int(r["n"]) for r in self._db.rows(sql, ())}
+
+    def collections(self) -> list[CollectionCounts]:
+        """Every collection with a document, by name: its documents and indexed chunks."""
+        sql = (
+            "SELECT d.collection, count(*) AS documents,"
+            " COALESCE(sum(CASE WHEN j.status = 'indexed' THEN j.chunks_total END), 0) AS chunks"
+            " FROM sluice_documents d JOIN sluice_jobs j ON j.job_id = d.current_job_id"
+            " GROUP BY d.collection ORDER BY d.collection"
+        )
+        return [
+            CollectionCounts(str(r["collection"]), int(r["documents"]), int(r["chunks"]))
+            for r in self._db.rows(sql, ())
+        ]
 
     def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
         """Ended jobs whose webhook is due and unsent, no one holding it, oldest end first;

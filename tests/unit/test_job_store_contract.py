@@ -290,6 +290,17 @@ def test_pages_of_jobs_follow_the_cursor(store: JobStore) -> None:
         store.page(None, None, 3, "not-a-cursor")
 
 
+def test_collections_count_their_documents_and_indexed_chunks(store: JobStore) -> None:
+    assert store.create(new_job("r1", "dr1", "red")) is None
+    assert store.create(new_job("r2", "dr2", "red")) is None
+    store.apply(event("index", job="r1", document_id="dr1", chunks=3))
+
+    found = [(c.collection, c.documents, c.chunks) for c in store.collections()]
+
+    # j1 (the fixture's) waits in `default`; of red's two documents one is indexed.
+    assert found == [("default", 1, 0), ("red", 2, 3)]
+
+
 def test_listing_can_be_limited_to_a_keys_collections(store: JobStore) -> None:
     assert store.create(new_job("r1", "dr", "red")) is None
     assert store.create(new_job("g1", "dg", "green")) is None
