@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     # Texts one model call takes from every message in hand, sorted by length and cut into
     # forward passes of `embed_batch_size`: a big call wastes less on padding (bench/README.md).
     embed_call_chunks: int = Field(512, ge=1)
+    # With lanes on, a model call runs in slices of this many texts (of similar lengths): an
+    # interactive chunk waits for one slice of a bulk call at most, not for the whole call.
+    embed_slice_chunks: int = Field(64, ge=1)
     # How long a lone chunk batch waits for others to share its model call.
     embed_batch_wait_s: float = Field(0.02, ge=0)
     chunk_max_tokens: int = Field(256, ge=16)

@@ -27,15 +27,29 @@ class EmbedContext:
 
 
 def context_for(
-    embedder: Embedder, *, max_items: int, max_wait_s: float, lanes: bool = True
+    embedder: Embedder,
+    *,
+    max_items: int,
+    max_wait_s: float,
+    lanes: bool = True,
+    slice_items: int | None = None,
 ) -> EmbedContext:
-    """An embed context whose concurrent messages share model calls of up to `max_items`."""
+    """An embed context whose concurrent messages share model calls of up to `max_items`,
+    run in slices of `slice_items` texts of similar lengths when lanes are on, so
+    interactive chunks wait for one slice of a bulk call at most."""
 
     def embed(texts: list[str]) -> list[list[float]]:
         metrics.EMBED_BATCH_SIZE.observe(len(texts))
         return embedder.embed(texts)
 
-    calls = Coalescer(embed, max_items=max_items, max_wait_s=max_wait_s, name="embed")
+    calls = Coalescer(
+        embed,
+        max_items=max_items,
+        max_wait_s=max_wait_s,
+        name="embed",
+        slice_items=slice_items if lanes else None,
+        size_of=len,
+    )
     return EmbedContext(embedder, calls, lanes)
 
 
@@ -47,6 +61,7 @@ async def startup(settings: Settings) -> EmbedContext:
         max_items=settings.embed_call_chunks,
         max_wait_s=settings.embed_batch_wait_s,
         lanes=settings.lanes,
+        slice_items=settings.embed_slice_chunks,
     )
 
 

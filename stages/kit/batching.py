@@ -8,8 +8,12 @@ thread and hands every caller its own slice of the results. Each message is stil
 the runtime only after its own outputs are confirmed.
 
 An `urgent` submission (interactive work) goes ahead of every non-urgent one still pending,
-first come first served within each, so it rides the next call even when a bulk import has
-filled the queue of calls ahead of it.
+first come first served within each, into a call of urgent items only: its answer never
+waits for a full call of bulk items. A big call can be cut into slices (`slice_items`,
+after ordering its items by `size_of`, so each slice is of similar lengths and pads little,
+as one big sorted call would): before each slice, urgent work that arrived meanwhile runs
+first. So interactive work waits for at most one slice of a bulk import, never for a whole
+call of hundreds of chunks.
 """
 
 from __future__ import annotations
@@ -41,12 +45,21 @@ class Coalescer(Generic[T, R]):
     """Gathers concurrent submissions into calls of up to `max_items` (a bigger one goes alone)."""
 
     def __init__(
-        self, call: Callable[[list[T]], list[R]], *, max_items: int, max_wait_s: float, name: str
+        self,
+        call: Callable[[list[T]], list[R]],
+        *,
+        max_items: int,
+        max_wait_s: float,
+        name: str,
+        slice_items: int | None = None,
+        size_of: Callable[[T], int] | None = None,
     ) -> None:
         self._call = call
         self.max_items = max_items
         self.max_wait_s = max_wait_s
         self.name = name
+        self.slice_items = slice_items
+        self._size_of = size_of
         # Urgent submissions, then the others: the next call takes from the front.
         self._urgent: deque[_Request[T, R]] = deque()
         self._others: deque[_Request[T, R]] = deque()
@@ -77,17 +90,16 @@ class Coalescer(Generic[T, R]):
         return sum(len(r.items) for r in self._pending())
 
     def _next_batch(self) -> list[_Request[T, R]]:
-        """Pending requests from the front, up to `max_items` (a bigger first one alone)."""
+        """Pending requests from the front, up to `max_items` (a bigger first one alone):
+        urgent ones only while there are any, so their call is as short as it can be."""
+        queue = self._urgent or self._others
         batch: list[_Request[T, R]] = []
         size = 0
-        for queue in (self._urgent, self._others):
-            while queue and (not batch or size + len(queue[0].items) <= self.max_items):
-                request = queue.popleft()
-                batch.append(request)
-                size += len(request.items)
-            if queue:
-                # The next in line does not fit: nobody behind it jumps the queue.
-                break
+        # In order: when the next in line does not fit, nobody behind it jumps the queue.
+        while queue and (not batch or size + len(queue[0].items) <= self.max_items):
+            request = queue.popleft()
+            batch.append(request)
+            size += len(request.items)
         return batch
 
     async def _flush_soon(self) -> None:
@@ -111,7 +123,7 @@ class Coalescer(Generic[T, R]):
             attributes={"sluice.batch_size": len(items), "sluice.messages": len(batch)},
         ) as span:
             try:
-                results = await asyncio.to_thread(self._call, items)
+                results = await self._call_in_slices(items)
             except Exception as exc:
                 tracing.record_failure(span, exc)
                 if len(batch) == 1:
@@ -127,3 +139,21 @@ class Coalescer(Generic[T, R]):
             if not request.done.done():
                 request.done.set_result(results[start:end])
             start = end
+
+    async def _call_in_slices(self, items: list[T]) -> list[R]:
+        """The call's results for `items`, in order: in one call, or in slices of similar
+        sizes with urgent work let in between them (for a call of non-urgent items)."""
+        cut = self.slice_items
+        if not cut or len(items) <= cut:
+            return await asyncio.to_thread(self._call, items)
+        size_of = self._size_of or (lambda _: 0)
+        order = sorted(range(len(items)), key=lambda i: size_of(items[i]), reverse=True)
+        results: dict[int, R] = {}
+        for first in range(0, len(order), cut):
+            while self._urgent:
+                # Interactive work that came in during the last slice goes before the next.
+                await self._run(self._next_batch())
+            chosen = order[first : first + cut]
+            answered = await asyncio.to_thread(self._call, [items[i] for i in chosen])
+            results.update(zip(chosen, answered, strict=True))
+        return [results[i] for i in range(len(items))]

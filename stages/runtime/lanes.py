@@ -10,6 +10,11 @@ made here, at the moment a slot frees up:
   credit, and a whole credit buys bulk the slot. A counter, not a coin: bulk gets exactly its
   share of the contested grants (one in five at 0.2), however long interactive work keeps
   arriving, so an import always progresses;
+- `reserved` slots are never given to bulk: a stage whose slots are held while work waits
+  in a shared call (embed's model calls, index's shared writes) would otherwise have every
+  slot held by a bulk import for a whole call, and an interactive delivery could not even
+  begin. The runner reserves a quarter of a stage's slots (none for a stage of fewer than
+  four, whose slots are the work itself);
 - lanes off (`SLUICE_LANES=false`): the delivery that has waited longest, whatever its lane.
 """
 
@@ -37,11 +42,22 @@ class _Waiter:
 class LaneGate:
     """Hands out `slots` concurrent slots to deliveries of both lanes (see the module)."""
 
-    def __init__(self, slots: int, *, bulk_share: float, prefer_interactive: bool = True) -> None:
+    def __init__(
+        self,
+        slots: int,
+        *,
+        bulk_share: float,
+        prefer_interactive: bool = True,
+        reserved: int = 0,
+    ) -> None:
         if slots < 1:
             raise ValueError(f"a lane gate needs at least one slot, not {slots}")
+        if not 0 <= reserved < slots:
+            raise ValueError(f"reserve 0 to {slots - 1} of {slots} slots, not {reserved}")
         self.slots = slots
         self.prefer_interactive = prefer_interactive
+        self.reserved = reserved
+        self._held: dict[Lane, int] = dict.fromkeys(LANES, 0)
         # Exact arithmetic: 0.2 five times must make one whole credit, not 0.99999.
         self._share = Fraction(bulk_share).limit_denominator(1000)
         self._credit = Fraction(0)
@@ -65,7 +81,7 @@ class LaneGate:
         try:
             yield
         finally:
-            self.release()
+            self.release(lane)
 
     async def acquire(self, lane: Lane) -> None:
         """Wait until this delivery of `lane` is granted a slot."""
@@ -78,27 +94,30 @@ class LaneGate:
         except asyncio.CancelledError:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 # Granted in the same turn it was cancelled: the slot goes to the next one.
-                self.release()
+                self.release(lane)
             elif waiter in self._waiting[lane]:
                 self._waiting[lane].remove(waiter)
             raise
 
-    def release(self) -> None:
-        """Give a slot back; it goes to the next delivery the rules pick."""
+    def release(self, lane: Lane) -> None:
+        """Give back a slot `lane` held; it goes to the next delivery the rules pick."""
         self._free += 1
+        self._held[lane] -= 1
         self._grant()
 
     def _grant(self) -> None:
         while self._free > 0:
-            lane = self._next_lane()
+            lane = self._next_lane(bulk_may=self._held[BULK] < self.slots - self.reserved)
             if lane is None:
                 return
             waiter = self._waiting[lane].popleft()
             self._free -= 1
+            self._held[lane] += 1
             waiter.granted.set_result(None)
 
-    def _next_lane(self) -> Lane | None:
-        """The lane of the next grant, or None when nobody waits."""
+    def _next_lane(self, *, bulk_may: bool) -> Lane | None:
+        """The lane of the next grant, or None when nobody waits (or only bulk, which may
+        not take a reserved slot)."""
         for queue in self._waiting.values():
             # A waiter cancelled while waiting leaves before its task runs again.
             while queue and queue[0].granted.done():
@@ -107,6 +126,8 @@ class LaneGate:
         if not bulk:
             # Credit is earned only while bulk waits: an absent lane banks nothing.
             self._credit = Fraction(0)
+            return INTERACTIVE if interactive else None
+        if not bulk_may:
             return INTERACTIVE if interactive else None
         if not interactive:
             return BULK

@@ -100,6 +100,8 @@ class StageRunner:
             self.tuned.concurrency,
             bulk_share=settings.bulk_share,
             prefer_interactive=settings.lanes,
+            # Kept free of bulk, so interactive work can always begin (stages/runtime/lanes.py).
+            reserved=self.tuned.concurrency // 4 if settings.lanes else 0,
         )
         self.stats = WorkerStats()
         self.heartbeat = Heartbeat(

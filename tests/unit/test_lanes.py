@@ -4,6 +4,7 @@ lane a dead letter goes back to. No broker: the gate and the coalescer are plain
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -47,7 +48,7 @@ async def grant_order(gate: LaneGate, arrivals: Sequence[Lane]) -> list[Lane]:
         # One at a time, so the arrival order is the order given.
         await until(all_wait)
     for _ in held:
-        gate.release()
+        gate.release(INT)
     await asyncio.gather(*waiters)
     assert gate.busy == 0
     return order
@@ -81,6 +82,21 @@ async def test_bulk_is_never_starved_by_a_stream_of_interactive_work() -> None:
     assert max(i for i, lane in enumerate(order) if lane == BLK) < len(order) - 10
 
 
+async def test_reserved_slots_keep_room_for_interactive_work_to_begin() -> None:
+    # A stage whose slots wait on a shared call: a bulk import must not hold every one.
+    gate = LaneGate(4, bulk_share=0.2, reserved=1)
+    bulk = [asyncio.create_task(gate.acquire(BLK)) for _ in range(4)]
+    await until(lambda: gate.waiting(BLK) == 1)
+    assert gate.busy == 3  # the fourth bulk delivery waits though a slot is free
+    await asyncio.wait_for(gate.acquire(INT), 1)  # interactive begins at once
+    assert gate.busy == 4 and gate.waiting(BLK) == 1
+    gate.release(INT)
+    assert gate.busy == 3 and gate.waiting(BLK) == 1  # the freed slot stays in reserve
+    gate.release(BLK)
+    await asyncio.gather(*bulk)  # a bulk slot freed: the waiting bulk delivery takes it
+    assert gate.busy == 3 and gate.waiting(BLK) == 0
+
+
 async def test_lanes_off_is_first_come_first_served() -> None:
     arrivals = [BLK, INT, BLK, BLK, INT, INT, BLK]
     assert await grant_order(LaneGate(1, bulk_share=0.2, prefer_interactive=False), arrivals) == (
@@ -95,7 +111,7 @@ async def test_a_cancelled_waiter_gives_its_turn_away() -> None:
     stays = asyncio.create_task(gate.acquire(BLK))
     await until(lambda: gate.waiting(INT) == 1 and gate.waiting(BLK) == 1)
     gone.cancel()
-    gate.release()
+    gate.release(INT)
     await stays
     assert gone.cancelled() and gate.busy == 1 and gate.waiting(INT) == 0
 
@@ -120,7 +136,8 @@ async def test_urgent_items_go_into_the_next_call_first(urgent: bool) -> None:
     results = await asyncio.gather(*bulk, late)
     assert results[-1] == ["I0", "I0"]
     if urgent:
-        assert call.calls == [["i0", "i0", "b0", "b0"], ["b1", "b1", "b2", "b2"]]
+        # A call of its own: its answer does not wait for bulk items to be embedded too.
+        assert call.calls == [["i0", "i0"], ["b0", "b0", "b1", "b1"], ["b2", "b2"]]
     else:
         assert call.calls == [["b0", "b0", "b1", "b1"], ["b2", "b2", "i0", "i0"]]
 
@@ -135,6 +152,42 @@ async def test_urgent_items_keep_their_own_order() -> None:
         coalescer.submit(["i1"], urgent=True),
     )
     assert call.calls == [["i0", "i1"], ["b0", "b1"]]
+
+
+class HeldFirstCall(Recorder):
+    """A model call whose first run waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.calls.append(items)
+        if len(self.calls) == 1:
+            assert self.release.wait(10), "the test never released the first call"
+        return [item.upper() for item in items]
+
+
+async def test_urgent_work_runs_between_the_slices_of_a_big_call() -> None:
+    call = HeldFirstCall()
+    coalescer = Coalescer(
+        call, max_items=100, max_wait_s=0.0, name="test", slice_items=2, size_of=len
+    )
+    texts = ["aaaaaa", "b", "cccc", "dd", "eeeee", "fff"]
+    bulk = asyncio.ensure_future(coalescer.submit(texts))
+    for _ in range(1000):
+        if call.calls:
+            break
+        await asyncio.sleep(0.005)
+    # The first slice is in the model; interactive work arrives now.
+    urgent = asyncio.ensure_future(coalescer.submit(["u"], urgent=True))
+    await asyncio.sleep(0)
+    call.release.set()
+
+    assert await urgent == ["U"]
+    assert await bulk == [t.upper() for t in texts]
+    # Slices of similar lengths, longest first, with the interactive call after the first.
+    assert call.calls == [["aaaaaa", "eeeee"], ["u"], ["cccc", "fff"], ["dd", "b"]]
 
 
 class FakeEmbedder:
@@ -178,7 +231,7 @@ async def test_embed_puts_interactive_chunks_into_the_next_model_call(lanes: boo
     outputs = await asyncio.gather(*(embed.handle(b, ctx) for b in batches))
     assert [out.priority for (out,) in outputs] == [BLK, BLK, BLK, INT]
     if lanes:
-        assert embedder.calls == [["inter", "bulk0"], ["bulk1", "bulk2"]]
+        assert embedder.calls == [["inter"], ["bulk0", "bulk1"], ["bulk2"]]
     else:
         assert embedder.calls == [["bulk0", "bulk1"], ["bulk2", "inter"]]
 
