@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,9 @@ class Latency:
     interactive_docs: int
     # Upload to indexed, seconds, per interactive document.
     interactive_s: list[float]
-    # Bulk documents indexed per second just before the interactive uploads began, and while
-    # they were in flight (first upload to last one indexed).
+    # Bulk documents indexed per second before the interactive uploads began (once the bulk
+    # uploads were done and it flowed), and while they were in flight (first upload to last
+    # one indexed).
     bulk_per_s_before: float
     bulk_per_s_during: float
     # Bulk documents not yet indexed when the last interactive one was: the backlog was
@@ -170,7 +171,9 @@ async def _latency(
     url: str, bulk: list[Document], interactive: list[Document], on: bool, deadline_s: float
 ) -> Latency:
     _accepted(await upload_all(url, "bulk-a", bulk, _BACKLOG_CLIENTS, priority="bulk"))
-    # Measure bulk's own pace once it flows, over as long a window as the interactive uploads.
+    # Bulk's own pace is measured once it flows and the uploads are done (they share the
+    # machine), over at least as long a window as the interactive uploads take.
+    uploaded = datetime.now(UTC)
     window_s = float(len(interactive))
     await _until_indexed(url, "bulk-a", min(50, len(bulk) // 10), deadline_s)
     await asyncio.sleep(window_s)
@@ -182,14 +185,15 @@ async def _latency(
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
         bulk_jobs = [job async for job in jobs_in(client, "bulk-a")]
     ends = [end for job in bulk_jobs if (end := finished_at(job, "index")) is not None]
-    before = sum(began - timedelta(seconds=window_s) <= end < began for end in ends)
+    first = max(uploaded, min(ends))
+    before = sum(first <= end < began for end in ends)
     during = sum(began <= end <= last for end in ends)
     return Latency(
         lanes=on,
         bulk_docs=len(bulk),
         interactive_docs=len(interactive),
         interactive_s=seconds,
-        bulk_per_s_before=before / window_s,
+        bulk_per_s_before=before / max((began - first).total_seconds(), 1e-9),
         bulk_per_s_during=during / max((last - began).total_seconds(), 1e-9),
         bulk_left_at_end=len(bulk) - sum(end <= last for end in ends),
     )

@@ -296,6 +296,18 @@ def lanes_rows(run: LanesRun) -> list[Row]:
                 lat.bulk_kept >= BULK_KEPT if lat.lanes else None,
             )
         )
+    on_lat = next((x for x in run.latency if x.lanes), None)
+    off_lat = next((x for x in run.latency if not x.lanes), None)
+    if on_lat is not None and off_lat is not None and off_lat.bulk_per_s_before:
+        out.append(
+            Row(
+                "9",
+                f"Bulk alone ({on_lat.bulk_docs} small documents, before the interactive "
+                "uploads): lanes on (admitted fairly) over lanes off",
+                f"**{on_lat.bulk_per_s_before / off_lat.bulk_per_s_before:.2f}** "
+                f"({on_lat.bulk_per_s_before:.1f} vs {off_lat.bulk_per_s_before:.1f} docs/s)",
+            )
+        )
     for fair in run.fairness:
         mode = "lanes on" if fair.lanes else "lanes off (one FIFO)"
         out.append(

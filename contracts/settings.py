@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     embed_call_chunks: int = Field(512, ge=1)
     # With lanes on, a model call runs in slices of this many texts (of similar lengths): an
     # interactive chunk waits for one slice of a bulk call at most, not for the whole call.
-    embed_slice_chunks: int = Field(64, ge=1)
+    embed_slice_chunks: int = Field(128, ge=1)
     # How long a lone chunk batch waits for others to share its model call.
     embed_batch_wait_s: float = Field(0.02, ge=0)
     chunk_max_tokens: int = Field(256, ge=16)
@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     bulk_share: float = Field(0.2, gt=0, le=1)
     # Bulk documents admitted into the pipeline at once (all collections together); the rest
     # wait in the job store and are admitted fairly, the collection with fewest in flight first.
-    bulk_in_flight: int = Field(16, ge=1)
+    bulk_in_flight: int = Field(32, ge=1)
     # Interactive documents one collection may have in the pipeline before its further ones
     # wait their turn like bulk work (so one tenant's flood cannot hold the others).
     interactive_in_flight_per_collection: int = Field(32, ge=1)

@@ -45,9 +45,11 @@ class Admission:
 
     lanes: bool = True
     # Bulk jobs in flight, every collection together (SLUICE_BULK_IN_FLIGHT).
-    bulk_in_flight: int = 16
+    bulk_in_flight: int = Settings.model_fields["bulk_in_flight"].default
     # Interactive jobs in flight per collection (SLUICE_INTERACTIVE_IN_FLIGHT_PER_COLLECTION).
-    interactive_per_collection: int = 32
+    interactive_per_collection: int = Settings.model_fields[
+        "interactive_in_flight_per_collection"
+    ].default
 
     @classmethod
     def of(cls, settings: Settings) -> Admission:

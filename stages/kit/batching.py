@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -60,6 +61,9 @@ class Coalescer(Generic[T, R]):
         self.name = name
         self.slice_items = slice_items
         self._size_of = size_of
+        # Calls run one at a time, always on the same thread: a model's thread pool (OpenMP)
+        # is per calling thread, and a new caller would warm up a new one.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-calls")
         # Urgent submissions, then the others: the next call takes from the front.
         self._urgent: deque[_Request[T, R]] = deque()
         self._others: deque[_Request[T, R]] = deque()
@@ -140,12 +144,16 @@ class Coalescer(Generic[T, R]):
                 request.done.set_result(results[start:end])
             start = end
 
+    async def _in_thread(self, items: list[T]) -> list[R]:
+        """One call, on the coalescer's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, items)
+
     async def _call_in_slices(self, items: list[T]) -> list[R]:
         """The call's results for `items`, in order: in one call, or in slices of similar
         sizes with urgent work let in between them (for a call of non-urgent items)."""
         cut = self.slice_items
         if not cut or len(items) <= cut:
-            return await asyncio.to_thread(self._call, items)
+            return await self._in_thread(items)
         size_of = self._size_of or (lambda _: 0)
         order = sorted(range(len(items)), key=lambda i: size_of(items[i]), reverse=True)
         results: dict[int, R] = {}
@@ -154,6 +162,6 @@ class Coalescer(Generic[T, R]):
                 # Interactive work that came in during the last slice goes before the next.
                 await self._run(self._next_batch())
             chosen = order[first : first + cut]
-            answered = await asyncio.to_thread(self._call, [items[i] for i in chosen])
+            answered = await self._in_thread([items[i] for i in chosen])
             results.update(zip(chosen, answered, strict=True))
         return [results[i] for i in range(len(items))]
