@@ -195,6 +195,7 @@ class SqliteJobStore:
         """Admit the held jobs fair share picks now, each leased for `lease_s`, in order."""
         now = self._clock()
         with self._tx() as db:
+            lanes.retire_superseded(db, now, states.superseded(self.pipeline))
             ids = lanes.claim_admissions(db, self.admission, now, lease_s, limit)
             return [self._job(r) for i in ids if (r := self._row(db, i)) is not None]
 

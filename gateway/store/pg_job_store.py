@@ -214,6 +214,7 @@ class PgJobStore:
         """Admit the held jobs fair share picks now, each leased for `lease_s`, in order."""
 
         def work(cur: Cursor) -> list[Job]:
+            lanes.retire_superseded(cur, states.superseded(self.pipeline), self._params())
             rows = lanes.claim_admissions(cur, self.admission, lease_s, limit, self._params())
             return jobs_of(cur, rows, self.pipeline)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from psycopg.rows import DictRow
 
+from contracts.events import JobError
 from contracts.pipeline import Pipeline
 from contracts.routing import BULK, INTERACTIVE
 from gateway.store.base import Admission, NewJob
@@ -57,6 +58,24 @@ def admits_at_once(cur: Cursor, job: NewJob, policy: Admission, params: dict[str
     row = cur.fetchone()
     assert row is not None
     return not row["held"] and row["in_flight"] < policy.interactive_per_collection
+
+
+def retire_superseded(cur: Cursor, error: JobError, params: dict[str, object]) -> int:
+    """End the held jobs whose document was replaced or deleted while they waited: they will
+    never be admitted, and must not look `queued` for ever. Their webhook is due like any
+    ended job's. Returns how many ended."""
+    cur.execute(
+        f"UPDATE sluice_jobs j SET status = 'failed', error = %(error)s, updated_at = {NOW},"
+        f" stage_since = {NOW},"
+        " webhook_status = CASE WHEN callback_url IS NULL THEN webhook_status ELSE 'pending' END,"
+        " webhook_round = webhook_round + (CASE WHEN callback_url IS NULL THEN 0 ELSE 1 END),"
+        " webhook_attempts = 0, webhook_last_error = NULL, webhook_published_at = NULL"
+        " WHERE j.admitted_at IS NULL AND j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM"
+        " sluice_documents d WHERE d.document_id = j.document_id"
+        " AND d.current_job_id = j.job_id)",
+        {**params, "error": error.model_dump_json()},
+    )
+    return cur.rowcount
 
 
 def claim_admissions(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timedelta
 
+from contracts.events import JobError
 from contracts.pipeline import Pipeline
 from contracts.routing import BULK, INTERACTIVE
 from gateway.store.base import Admission, NewJob
@@ -50,6 +51,23 @@ def admits_at_once(db: sqlite3.Connection, job: NewJob, policy: Admission) -> bo
         ),
     ).fetchone()
     return not row["held"] and row["in_flight"] < policy.interactive_per_collection
+
+
+def retire_superseded(db: sqlite3.Connection, now: datetime, error: JobError) -> int:
+    """End the held jobs whose document was replaced or deleted while they waited: they will
+    never be admitted, and must not look `queued` for ever. Their webhook is due like any
+    ended job's. Returns how many ended."""
+    at = now.isoformat()
+    cur = db.execute(
+        "UPDATE jobs SET status = 'failed', error = ?, updated_at = ?, stage_since = ?,"
+        " webhook_status = CASE WHEN callback_url IS NULL THEN webhook_status ELSE 'pending' END,"
+        " webhook_round = webhook_round + (callback_url IS NOT NULL),"
+        " webhook_attempts = 0, webhook_last_error = NULL, webhook_published_at = NULL"
+        " WHERE admitted_at IS NULL AND status = 'queued' AND NOT EXISTS (SELECT 1 FROM"
+        " documents d WHERE d.document_id = jobs.document_id AND d.current_job_id = jobs.job_id)",
+        (error.model_dump_json(), at, at),
+    )
+    return cur.rowcount
 
 
 def claim_admissions(

@@ -172,3 +172,17 @@ def webhook_after(webhook: Webhook | None, event: JobEvent) -> Webhook | None:
     if event.kind == "failed":
         return Webhook(status="failed", attempts=event.attempt, last_error=message)
     return replace(webhook, attempts=attempts)
+
+
+def superseded(pipeline: Pipeline) -> JobError:
+    """Why a job that waited for admission ends without running: its document was replaced
+    by a newer upload, or deleted, first (nothing of it was processed)."""
+    return JobError(
+        stage=pipeline.first.name,
+        code="superseded",
+        message=(
+            "This upload waited for its turn and its document was replaced by a newer "
+            "version, or deleted, first: nothing of it was processed."
+        ),
+        retryable=False,
+    )

@@ -626,6 +626,29 @@ def admitted(store: JobStore) -> list[str]:
     return [j.job_id for j in store.claim_admissions(30, 100)]
 
 
+def test_a_held_job_whose_document_went_away_ends_instead_of_waiting_for_ever(
+    backend: Backend,
+) -> None:
+    store = lanes_store(backend, bulk_in_flight=1)
+    assert store.create(new_job("b0", "d0", priority="bulk")) is None
+    assert admitted(store) == ["b0"]  # the lane is now full: the next ones wait
+    assert store.create(new_job("old", "d1", priority="bulk")) is None
+    assert store.create(new_job("gone", "d2", priority="bulk", callback_url="https://x/h")) is None
+    # A new version replaces d1 before its first version got in; d2 is deleted.
+    assert store.create(new_job("new", "d1", sha="other", replaces=True, priority="bulk")) is None
+    store.delete_document("d2")
+
+    assert admitted(store) == []  # still no room, but the orphans are settled
+    for job_id in ("old", "gone"):
+        job = get(store, job_id)
+        assert (job.status, job.error.code, job.error.retryable) == ("failed", "superseded", False)
+        assert job.queue.position is None
+    assert get(store, "gone").webhook.status == "pending"  # its caller is told it ended
+    assert get(store, "new").status == "queued" and get(store, "b0").status == "queued"
+    ends(store, "b0", "d0")
+    assert admitted(store) == ["new"]
+
+
 def test_bulk_work_is_held_and_interactive_work_goes_in_at_once(backend: Backend) -> None:
     clock = Clock()
     store = lanes_store(backend, clock)
