@@ -24,8 +24,14 @@ DEADLINE_S = 240.0
 
 @pytest.fixture(scope="module")
 def wide_open(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    """A pipeline that admits every bulk job at once: the backlog waits in the broker."""
-    settings = {"SLUICE_BULK_IN_FLIGHT": str(BACKLOG * 2)}
+    """A pipeline that admits every bulk job at once, so the backlog waits in the broker and
+    the stages themselves must choose. Model calls are kept small (64 texts, in slices of 32)
+    so a bulk document is seen to finish every few seconds on a slow machine too."""
+    settings = {
+        "SLUICE_BULK_IN_FLIGHT": str(BACKLOG * 2),
+        "SLUICE_EMBED_CALL_CHUNKS": "64",
+        "SLUICE_EMBED_SLICE_CHUNKS": "32",
+    }
     running = launch(broker, tmp_path_factory.mktemp("lanes"), settings)
     try:
         yield running
