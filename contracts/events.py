@@ -97,36 +97,41 @@ class WorkerHeartbeat(BaseModel):
         return routing.heartbeat_key(self.stage)
 
 
+def of_message(
+    stage: StageName, msg: Message, kind: EventKind, attempt: int, **facts: object
+) -> JobEvent:
+    """An event of `kind` about one message: its job, its unit of work, and `facts`."""
+    index, count, chunks = msg.unit()
+    return JobEvent.model_validate(
+        {
+            "job_id": msg.job_id,
+            "document_id": msg.document_id,
+            "stage": stage,
+            "kind": kind,
+            "attempt": attempt,
+            "batch_index": index,
+            "batch_count": count,
+            "chunks": chunks,
+            **facts,
+        }
+    )
+
+
 def started(stage: StageName, msg: Message, attempt: int) -> JobEvent:
     """A stage began work on a message."""
-    index, count, chunks = msg.unit()
-    return JobEvent(
-        job_id=msg.job_id,
-        document_id=msg.document_id,
-        stage=stage,
-        kind="started",
-        attempt=attempt,
-        batch_index=index,
-        batch_count=count,
-        chunks=chunks,
-    )
+    return of_message(stage, msg, "started", attempt)
 
 
 def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt: int) -> JobEvent:
     """A stage finished one message; what it learned (pages, chunk count) comes from its outputs."""
-    index, count, chunks = msg.unit()
     parsed = next((o for o in outputs if isinstance(o, DocumentParsed)), None)
     total = next((o.chunks_total for o in outputs if isinstance(o, ChunkBatch)), None)
     language = next((o.language for o in outputs if isinstance(o, ChunkBatch) and o.language), None)
-    return JobEvent(
-        job_id=msg.job_id,
-        document_id=msg.document_id,
-        stage=stage,
-        kind="progress",
-        attempt=attempt,
-        batch_index=index,
-        batch_count=count,
-        chunks=chunks,
+    return of_message(
+        stage,
+        msg,
+        "progress",
+        attempt,
         pages=parsed.pages if parsed else None,
         chunks_total=total,
         parsed_sha256=parsed.parsed_sha256 if parsed else None,
@@ -136,31 +141,9 @@ def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt
 
 def retrying(stage: StageName, msg: Message, error: JobError, attempt: int) -> JobEvent:
     """Attempt `attempt` failed; the message waits in a retry tier and will be tried again."""
-    index, count, chunks = msg.unit()
-    return JobEvent(
-        job_id=msg.job_id,
-        document_id=msg.document_id,
-        stage=stage,
-        kind="retrying",
-        attempt=attempt,
-        batch_index=index,
-        batch_count=count,
-        chunks=chunks,
-        error=error,
-    )
+    return of_message(stage, msg, "retrying", attempt, error=error)
 
 
 def failed(stage: StageName, msg: Message, error: JobError, attempt: int) -> JobEvent:
     """A stage gave up on a message; the job fails with `error`."""
-    index, count, chunks = msg.unit()
-    return JobEvent(
-        job_id=msg.job_id,
-        document_id=msg.document_id,
-        stage=stage,
-        kind="failed",
-        attempt=attempt,
-        batch_index=index,
-        batch_count=count,
-        chunks=chunks,
-        error=error,
-    )
+    return of_message(stage, msg, "failed", attempt, error=error)

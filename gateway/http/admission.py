@@ -20,9 +20,8 @@ import asyncio
 import contextlib
 import logging
 
-from gateway.http.errors import ApiError
 from gateway.http.services import Services
-from gateway.http.uploads import publish_upload
+from gateway.http.uploads import publish_and_confirm
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,8 @@ class Admitter:
         store = self.services.store
         jobs = await asyncio.to_thread(store.claim_admissions, self.lease_s, _BATCH)
         for job in jobs:
-            try:
-                # In the order admitted: that is the order they take their places in line.
-                await publish_upload(self.services, job)
-            except ApiError as exc:
-                # Admitted but not in the broker: once the lease runs out the republisher
-                # sends it (it keeps its turn; no other job takes its slot meanwhile).
-                log.warning("job %s: admitted, but not published yet (%s)", job.job_id, exc)
-                continue
-            await asyncio.to_thread(store.confirm, job.job_id)
-            log.debug("job %s (%s, %s) admitted", job.job_id, job.priority, job.collection)
+            # In the order admitted: that is the order they take their places in line. One
+            # not published keeps its turn and its slot; the republisher sends it later.
+            if await publish_and_confirm(self.services, job, "admitted"):
+                log.debug("job %s (%s, %s) admitted", job.job_id, job.priority, job.collection)
         return len(jobs)

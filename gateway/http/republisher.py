@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.http.errors import ApiError
 from gateway.http.services import Services
-from gateway.http.uploads import publish_upload
+from gateway.http.uploads import publish_and_confirm
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +52,7 @@ class Republisher:
         )
         done = 0
         for job in jobs:
-            try:
-                await publish_upload(self.services, job)
-            except ApiError as exc:
-                log.warning("job %s: could not publish it again yet (%s)", job.job_id, exc)
-                continue
-            await asyncio.to_thread(store.confirm, job.job_id)
-            log.info("job %s was recorded but never confirmed: published again", job.job_id)
-            done += 1
+            if await publish_and_confirm(self.services, job, "recorded, never confirmed"):
+                log.info("job %s was recorded but never confirmed: published again", job.job_id)
+                done += 1
         return done

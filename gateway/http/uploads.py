@@ -239,3 +239,16 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
             f"The message broker did not confirm the upload: {exc}",
             RETRY_AFTER_S,
         ) from exc
+
+
+async def publish_and_confirm(services: Services, job: Job, why: str) -> bool:
+    """Publish a recorded job's `doc.uploaded` and confirm it; returns whether it went out.
+    A refusal is logged and left: the job stays unconfirmed, and a later round (the
+    republisher's, once its lease runs out) sends it. `why` says in the log who sent it."""
+    try:
+        await publish_upload(services, job)
+    except ApiError as exc:
+        log.warning("job %s: %s, but not published yet (%s)", job.job_id, why, exc)
+        return False
+    await asyncio.to_thread(services.store.confirm, job.job_id)
+    return True
