@@ -12,6 +12,39 @@ from contracts.routing import INTERACTIVE, Lane
 from contracts.settings import Settings
 from gateway.http.schemas import Job
 
+# Whose Idempotency-Keys a key is among (a job's `key_owner`): a fingerprint of the caller's
+# API key, or OPEN_KEY_OWNER on a gateway without keys, where every caller is one. Keys
+# recorded before keys had owners are LEGACY_KEY_OWNER's: they answer, in their collection,
+# to any caller who may use it (who may see that collection's jobs anyway).
+OPEN_KEY_OWNER = "open"
+LEGACY_KEY_OWNER = "*"
+
+
+class DocumentGone(SluiceError):
+    """A new version of a document that was deleted while it was uploaded: it is refused,
+    or it would bring the document back (as a record whose work the index drops)."""
+
+    code = "document_not_found"
+
+    def __init__(self, document_id: str) -> None:
+        super().__init__(f"No document {document_id}: it was deleted.")
+
+
+class IdempotencyKeyReused(SluiceError):
+    """An Idempotency-Key came back with other bytes than its first upload had: the upload is
+    refused (422), not answered with the first upload's job, nor made a second job."""
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, key: str, first_job_id: str) -> None:
+        super().__init__(
+            f"The Idempotency-Key {key[:40]!r} was first used for an upload with other content "
+            f"(job {first_job_id}). Send a new key with new content, or the same content again "
+            "with this key."
+        )
+        self.key = key
+        self.first_job_id = first_job_id
+
 
 @dataclass(frozen=True)
 class NewJob:
@@ -33,6 +66,8 @@ class NewJob:
     priority: Lane = INTERACTIVE
     # Where the job JSON is POSTed when the job ends (may hold a token: never shown).
     callback_url: str | None = None
+    # Whose key `idempotency_key` is: keys are unique per owner and collection.
+    key_owner: str = OPEN_KEY_OWNER
 
 
 @dataclass(frozen=True)
@@ -98,12 +133,15 @@ class JobStore(Protocol):
 
     def create(self, job: NewJob) -> Job | None:
         """Record an unconfirmed job and make it its document's current version, unless a
-        duplicate exists (same Idempotency-Key, or same bytes in a live document of the
-        collection; for a new version, the document's current job with the same bytes):
-        then nothing is written and the duplicate is returned. Check and write are atomic,
-        so of concurrent uploads of the same thing exactly one creates a job. The job is
-        admitted at once, or held (bulk work; interactive work of a collection at its cap):
-        `is_admitted` says which."""
+        duplicate exists (the same Idempotency-Key of the same owner in the collection, or the
+        same bytes in a live document of the collection; for a new version, the document's
+        current job with the same bytes): then nothing is written and the duplicate is
+        returned. A key whose job had other bytes raises `IdempotencyKeyReused`. Check and
+        write are atomic, so of concurrent uploads of the same thing exactly one creates a
+        job and the others get its job (or the raise); no other error comes of the race.
+        A deleted document's keys are free again. A new version of a document deleted
+        meanwhile raises `DocumentGone`. The job is admitted at once, or held (bulk
+        work; interactive work of a collection at its cap): `is_admitted` says which."""
         ...
 
     def is_admitted(self, job_id: str) -> bool:
@@ -161,11 +199,35 @@ class JobStore(Protocol):
 
     def collections_of(self, job_ids: Collection[str]) -> dict[str, str]: ...
     def find_duplicate(
-        self, collection: str, blob_sha256: str, idempotency_key: str | None
-    ) -> Job | None: ...
+        self,
+        collection: str,
+        blob_sha256: str,
+        idempotency_key: str | None,
+        *,
+        key_owner: str = OPEN_KEY_OWNER,
+    ) -> Job | None:
+        """What `create` would answer for an upload, without writing (`IdempotencyKeyReused`
+        included)."""
+        ...
+
     def document_collection(self, document_id: str) -> str | None: ...
     def current_job(self, document_id: str) -> Job | None: ...
-    def delete_document(self, document_id: str) -> list[JobBlobs]: ...
+    def delete_document(self, document_id: str) -> list[JobBlobs]:
+        """Forget a document and free its jobs' Idempotency-Keys (the jobs stay, as history);
+        returns the blobs its jobs wrote."""
+        ...
+
+    def recorded_collection(self, document_id: str) -> str | None:
+        """The collection of a document recorded once, live or deleted since (its jobs stay
+        as history); None for an id no upload ever had."""
+        ...
+
+    def end_deleted_jobs(self, document_id: str) -> list[str]:
+        """End the jobs of a deleted document that had not ended: `failed` with code
+        `document_deleted` (not retryable), their webhook due like any ended job's. Nothing
+        for a live document. Returns the ids of the jobs ended."""
+        ...
+
     def blob_in_use(self, sha256: str) -> bool: ...
 
     def apply(self, event: JobEvent) -> bool:

@@ -18,12 +18,22 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from contracts.errors import StorageFull
 from contracts.events import JobEvent
 from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
 from gateway.store import sqlite_lanes as lanes
 from gateway.store import states
-from gateway.store.base import Admission, CollectionCounts, JobBlobs, NewJob
+from gateway.store.base import (
+    LEGACY_KEY_OWNER,
+    OPEN_KEY_OWNER,
+    Admission,
+    CollectionCounts,
+    DocumentGone,
+    IdempotencyKeyReused,
+    JobBlobs,
+    NewJob,
+)
 from gateway.store.job_rows import (
     decode_cursor,
     encode_cursor,
@@ -65,6 +75,7 @@ class SqliteJobStore:
         self.stalled_after_s = stalled_after_s
         self.admission = admission or Admission()
         self._clock = clock
+        self._path = path
         self._db = open_database(path)
         self._lock = threading.RLock()
         self._queue = QueueSnapshots(self._take_snapshot, queue_max_age_s)
@@ -76,14 +87,31 @@ class SqliteJobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._full_disk_is_transient():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has rolled back already after some errors (a full disk): then there
+                # is nothing left to roll back, and trying would hide the error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _full_disk_is_transient(self) -> Iterator[None]:
+        """SQLITE_FULL as `StorageFull`: the write is tried again once there is space (an
+        upload is answered 507, the tracker folds its events again), nothing half-written."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageFull(
+                f"the job store {self._path} has no space left: free space on its disk "
+                "(SLUICE_DATA_DIR)"
+            ) from exc
 
     def _now(self) -> str:
         return self._clock().isoformat()
@@ -93,34 +121,35 @@ class SqliteJobStore:
         return (self._clock() - timedelta(seconds=self.stalled_after_s)).isoformat()
 
     def create(self, job: NewJob) -> Job | None:
-        """Record an unconfirmed job, unless a duplicate exists: then return it, writing nothing."""
-        now = self._now()
-        try:
-            with self._tx() as db:
-                # BEGIN IMMEDIATE holds the write lock from here: no other writer, in this
-                # process or another, can insert between this check and the insert below.
-                duplicate = self._duplicate(db, job)
-                if duplicate is not None:
-                    return self._job(duplicate)
-                self._insert(db, job, now, admitted=lanes.admits_at_once(db, job, self.admission))
-        except sqlite3.IntegrityError:
-            # The unique key is the backstop: if a writer still won the race, its job is
-            # the answer, as if the check had seen it.
-            with self._lock:
-                winner = self._db.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
-                ).fetchone()
-                if winner is None:
+        """Record an unconfirmed job, unless a duplicate exists: then return it, writing nothing
+        (`IdempotencyKeyReused` for its key with other bytes)."""
+        for attempt in (1, 2):
+            try:
+                with self._tx() as db:
+                    # BEGIN IMMEDIATE holds the write lock from here: no other writer, in this
+                    # process or another, can insert between this check and the insert below.
+                    if job.replaces and not _is_live(db, job.document_id):
+                        raise DocumentGone(job.document_id)
+                    duplicate = self._duplicate(db, job)
+                    if duplicate is not None:
+                        return self._job(duplicate)
+                    admitted = lanes.admits_at_once(db, job, self.admission)
+                    self._insert(db, job, self._now(), admitted=admitted)
+                return None
+            except sqlite3.IntegrityError:
+                # The unique key is only the backstop (the check above sees every writer):
+                # should a writer still have won, the check, run once more, answers with its
+                # job. A second failure is no race (a job id recorded twice): it is raised.
+                if attempt == 2:
                     raise
-                return self._job(winner)
-        return None
+        raise AssertionError("unreachable")
 
     def _insert(self, db: sqlite3.Connection, job: NewJob, now: str, *, admitted: bool) -> None:
         db.execute(
             "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
-            " size_bytes, blob_sha256, status, idempotency_key, trace_id, created_at,"
-            " updated_at, priority, callback_url, admitted_at, stage_since)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+            " size_bytes, blob_sha256, status, idempotency_key, key_owner, trace_id,"
+            " created_at, updated_at, priority, callback_url, admitted_at, stage_since)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.job_id,
                 job.document_id,
@@ -129,7 +158,8 @@ class SqliteJobStore:
                 job.content_type,
                 job.size_bytes,
                 job.blob_sha256,
-                job.idempotency_key,
+                job.idempotency_key or None,
+                job.key_owner if job.idempotency_key else None,
                 job.trace_id,
                 now,
                 now,
@@ -148,9 +178,16 @@ class SqliteJobStore:
 
     def _duplicate(self, db: sqlite3.Connection, job: NewJob) -> sqlite3.Row | None:
         if job.idempotency_key:
-            by_key = "SELECT * FROM jobs WHERE idempotency_key = ?"
-            row: sqlite3.Row | None = db.execute(by_key, (job.idempotency_key,)).fetchone()
+            # The key's first job, if it had the same bytes; a key is its owner's, in one
+            # collection (a legacy key, of no recorded owner, answers anyone there).
+            row: sqlite3.Row | None = db.execute(
+                "SELECT * FROM jobs WHERE collection = ? AND idempotency_key = ?"
+                " AND key_owner IN (?, ?) ORDER BY created_at LIMIT 1",
+                (job.collection, job.idempotency_key, job.key_owner, LEGACY_KEY_OWNER),
+            ).fetchone()
             if row is not None:
+                if row["blob_sha256"] != job.blob_sha256:
+                    raise IdempotencyKeyReused(job.idempotency_key, row["job_id"])
                 return row
         live_same_bytes = (
             "SELECT j.* FROM jobs j JOIN documents d ON d.current_job_id = j.job_id"
@@ -316,11 +353,19 @@ class SqliteJobStore:
         return jobs, next_cursor
 
     def find_duplicate(
-        self, collection: str, blob_sha256: str, idempotency_key: str | None
+        self,
+        collection: str,
+        blob_sha256: str,
+        idempotency_key: str | None,
+        *,
+        key_owner: str = OPEN_KEY_OWNER,
     ) -> Job | None:
-        """The live job for the same key, or for the same bytes in a live document of the
-        collection (a failed one does not count: uploading again is how people retry)."""
-        probe = NewJob("", "", collection, "", "", 0, blob_sha256, idempotency_key)
+        """The job of the owner's same key in the collection, or for the same bytes in a live
+        document of the collection (a failed one does not count: uploading again is how
+        people retry); `IdempotencyKeyReused` for the key with other bytes."""
+        probe = NewJob(
+            "", "", collection, "", "", 0, blob_sha256, idempotency_key, key_owner=key_owner
+        )
         with self._lock:
             row = self._duplicate(self._db, probe)
             return self._job(row) if row else None
@@ -361,13 +406,52 @@ class SqliteJobStore:
             return self._job(row, queue) if row else None
 
     def delete_document(self, document_id: str) -> list[JobBlobs]:
-        """Forget a document (its jobs stay as history); returns the blobs its jobs wrote."""
+        """Forget a document (its jobs stay as history) and free its jobs' Idempotency-Keys;
+        returns the blobs its jobs wrote."""
         with self._tx() as db:
             rows = db.execute(
                 "SELECT blob_sha256, parsed_sha256 FROM jobs WHERE document_id = ?", (document_id,)
             ).fetchall()
             db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
+            db.execute(
+                "UPDATE jobs SET idempotency_key = NULL, key_owner = NULL WHERE document_id = ?",
+                (document_id,),
+            )
         return [JobBlobs(r["blob_sha256"], r["parsed_sha256"]) for r in rows]
+
+    def recorded_collection(self, document_id: str) -> str | None:
+        """The collection of a live document, or of a deleted one by its jobs' history."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT collection FROM documents WHERE document_id = ?"
+                " UNION ALL SELECT collection FROM jobs WHERE document_id = ? LIMIT 1",
+                (document_id, document_id),
+            ).fetchone()
+        return str(row["collection"]) if row else None
+
+    def end_deleted_jobs(self, document_id: str) -> list[str]:
+        """End the unended jobs of a deleted document (`document_deleted`); their ids."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT job_id, status FROM jobs WHERE document_id = ?"
+                " AND status NOT IN ('indexed', 'failed')"
+                " AND NOT EXISTS (SELECT 1 FROM documents WHERE document_id = ?)",
+                (document_id, document_id),
+            ).fetchall()
+            now = self._now()
+            for row in rows:
+                error = states.document_deleted(self.pipeline, row["status"])
+                # Its webhook is due like any ended job's (as `retire_superseded` does).
+                db.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, updated_at = ?,"
+                    " stage_since = ?, webhook_status = CASE WHEN callback_url IS NULL"
+                    " THEN webhook_status ELSE 'pending' END,"
+                    " webhook_round = webhook_round + (callback_url IS NOT NULL),"
+                    " webhook_attempts = 0, webhook_last_error = NULL,"
+                    " webhook_published_at = NULL, webhook_lease_until = NULL WHERE job_id = ?",
+                    (error.model_dump_json(), now, now, row["job_id"]),
+                )
+        return [str(row["job_id"]) for row in rows]
 
     def blob_in_use(self, sha256: str) -> bool:
         """Whether a live document's job still needs this blob (blobs are shared by content)."""
@@ -558,6 +642,12 @@ class SqliteJobStore:
             and row["updated_at"] < self._stalled_before()
         )
         return job_of(row, stages.fetchall(), self.pipeline, stalled=stalled, queue=queue)
+
+
+def _is_live(db: sqlite3.Connection, document_id: str) -> bool:
+    """Whether the document exists (was not deleted)."""
+    found = db.execute("SELECT 1 FROM documents WHERE document_id = ?", (document_id,))
+    return found.fetchone() is not None
 
 
 def _iso(value: datetime | None) -> str | None:

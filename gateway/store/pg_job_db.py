@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from contracts.errors import Transient
 from contracts.pipeline import FAILED, INDEXED, Pipeline
 from gateway.http.schemas import Job
+from gateway.store.base import LEGACY_KEY_OWNER
 from gateway.store.job_rows import job_of
 from gateway.store.queue_place import QueueSnapshot
 from stages.backends.pg_schema import SchemaOnce, Step, migrate
@@ -118,8 +119,21 @@ CREATE INDEX IF NOT EXISTS sluice_jobs_webhook_due ON sluice_jobs (stage_since)
     WHERE webhook_status = 'pending' AND webhook_published_at IS NULL
 """
 
+# Idempotency-Keys belong to an owner (a fingerprint of the caller's API key) and a
+# collection: unique per both, no longer in the whole table; a deleted document's jobs have
+# theirs cleared, so the key is free again. Keys from before had no owner recorded.
+_VERSION_3 = f"""
+ALTER TABLE sluice_jobs ADD COLUMN IF NOT EXISTS key_owner text;
+UPDATE sluice_jobs j SET idempotency_key = NULL WHERE j.idempotency_key IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM sluice_documents d WHERE d.document_id = j.document_id);
+UPDATE sluice_jobs SET key_owner = '{LEGACY_KEY_OWNER}' WHERE idempotency_key IS NOT NULL;
+DROP INDEX IF EXISTS sluice_jobs_key;
+CREATE UNIQUE INDEX IF NOT EXISTS sluice_jobs_owned_key
+    ON sluice_jobs (key_owner, collection, idempotency_key) WHERE idempotency_key IS NOT NULL
+"""
+
 # Migration n takes the schema from version n - 1 to n; append, never edit a released step.
-MIGRATIONS: tuple[Step, ...] = (_VERSION_1, _VERSION_2)
+MIGRATIONS: tuple[Step, ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
 
 # The database's clock, unless a test set one (`clock=`): then its time is sent instead.
 NOW = "COALESCE(%(now)s::timestamptz, now())"

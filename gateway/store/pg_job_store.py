@@ -7,8 +7,8 @@ changes is how writers on several hosts are kept apart:
   deadlock) before reading their state, and job_units' primary key decides whether a unit
   is new: trackers on several gateways folding events of one job at once count each unit
   once and never overwrite each other's progress;
-- `create` checks for a duplicate and inserts under an advisory lock on (collection, bytes),
-  with a unique index on the Idempotency-Key as the backstop;
+- `create` checks for a duplicate and inserts under advisory locks on the owner's key in
+  the collection and on (collection, bytes), with a unique index on the key as the backstop;
 - `claim_unconfirmed` and `claim_webhooks` lease with `FOR UPDATE SKIP LOCKED`, so no two
   gateways claim a job; `claim_admissions` counts free slots under an advisory lock of its
   own (gateway/store/pg_lanes.py), so two admitters never fill the same slot;
@@ -33,7 +33,16 @@ from contracts.pipeline import Pipeline, default_pipeline
 from gateway.http.schemas import Job
 from gateway.store import pg_lanes as lanes
 from gateway.store import states
-from gateway.store.base import Admission, CollectionCounts, JobBlobs, NewJob
+from gateway.store.base import (
+    LEGACY_KEY_OWNER,
+    OPEN_KEY_OWNER,
+    Admission,
+    CollectionCounts,
+    DocumentGone,
+    IdempotencyKeyReused,
+    JobBlobs,
+    NewJob,
+)
 from gateway.store.changes import CHANNEL
 from gateway.store.job_rows import decode_cursor, encode_cursor, state_of, webhook_of
 from gateway.store.pg_job_db import (
@@ -95,7 +104,8 @@ class PgJobStore:
         return self._db.run(work)
 
     def create(self, job: NewJob) -> Job | None:
-        """Record an unconfirmed job, unless a duplicate exists: then return it, writing nothing."""
+        """Record an unconfirmed job, unless a duplicate exists: then return it, writing nothing
+        (`IdempotencyKeyReused` for its key with other bytes)."""
 
         def work(cur: Cursor) -> Job | None:
             # Why not a unique constraint: "same bytes in a live document" spans two tables
@@ -103,36 +113,52 @@ class PgJobStore:
             # deleted document or a replaced version stops counting, while its row stays as
             # history. A unique index covers columns of one table under a fixed predicate,
             # so it would forbid uploading those bytes again. Instead, uploads of the same
-            # bytes to a collection take turns: this lock holds from the check below to the
-            # commit of the insert, on every gateway.
+            # bytes to a collection take turns, and so do uploads with one owner's key in a
+            # collection, whatever their bytes: these locks hold from the check below to the
+            # commit of the insert, on every gateway. Always the key's first, so two uploads
+            # never wait for each other's.
+            if job.idempotency_key:
+                cur.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    (f"key:{job.key_owner}:{job.collection}:{job.idempotency_key}",),
+                )
             cur.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                 (f"{job.collection}:{job.blob_sha256}",),
             )
+            if job.replaces:
+                # Locked until the commit: a delete of the document waits for this version
+                # (and then ends it), or this finds the document gone.
+                cur.execute(
+                    "SELECT 1 FROM sluice_documents WHERE document_id = %s FOR UPDATE",
+                    (job.document_id,),
+                )
+                if cur.fetchone() is None:
+                    raise DocumentGone(job.document_id)
             duplicate = self._duplicate(cur, job)
             if duplicate is not None:
                 return jobs_of(cur, [duplicate], self.pipeline)[0]
-            # No conflict target: the key's unique index is the backstop. A concurrent upload
-            # with the same key but other bytes is not under our lock; if it commits first,
-            # this insert waits for it, then writes nothing.
+            # No conflict target: the key's unique index is only the backstop. Should a
+            # writer with the key still have committed first, this insert waits for it, then
+            # writes nothing, and the check, run again, answers with its job.
             admitted = lanes.admits_at_once(cur, job, self.admission, self._params())
             cur.execute(
                 "INSERT INTO sluice_jobs (job_id, document_id, collection, filename,"
-                " content_type, size_bytes, blob_sha256, status, idempotency_key, trace_id,"
-                " created_at, updated_at, priority, callback_url, admitted_at, stage_since)"
-                " VALUES (%(job_id)s, %(document_id)s, %(collection)s, %(filename)s,"
-                " %(content_type)s, %(size_bytes)s, %(sha)s, 'queued', %(key)s, %(trace_id)s,"
-                f" {NOW}, {NOW}, %(priority)s, %(callback_url)s,"
+                " content_type, size_bytes, blob_sha256, status, idempotency_key, key_owner,"
+                " trace_id, created_at, updated_at, priority, callback_url, admitted_at,"
+                " stage_since) VALUES (%(job_id)s, %(document_id)s, %(collection)s,"
+                " %(filename)s, %(content_type)s, %(size_bytes)s, %(sha)s, 'queued', %(key)s,"
+                f" %(owner)s, %(trace_id)s, {NOW}, {NOW}, %(priority)s, %(callback_url)s,"
                 f" CASE WHEN %(admitted)s THEN {NOW} END, {NOW})"
                 " ON CONFLICT DO NOTHING RETURNING job_id",
                 {**self._new_job_params(job), "admitted": admitted},
             )
             if cur.fetchone() is None:
-                winner = self._by_key(cur, job.idempotency_key) or self._by_id(cur, job.job_id)
+                winner = self._duplicate(cur, job) or self._by_id(cur, job.job_id)
                 if winner is None:  # the winner was forgotten (its publish refused) just now
                     raise Transient(
-                        f"An upload with the Idempotency-Key {job.idempotency_key!r} was "
-                        "recorded and withdrawn at the same moment; send it again.",
+                        "An upload with the same Idempotency-Key was recorded and withdrawn "
+                        "at the same moment; send it again.",
                         code="job_store_conflict",
                     )
                 return jobs_of(cur, [winner], self.pipeline)[0]
@@ -155,15 +181,18 @@ class PgJobStore:
             content_type=job.content_type,
             size_bytes=job.size_bytes,
             sha=job.blob_sha256,
-            key=job.idempotency_key,
+            key=job.idempotency_key or None,
+            owner=job.key_owner if job.idempotency_key else None,
             trace_id=job.trace_id,
             priority=job.priority,
             callback_url=job.callback_url,
         )
 
     def _duplicate(self, cur: Cursor, job: NewJob) -> DictRow | None:
-        row = self._by_key(cur, job.idempotency_key)
+        row = self._by_key(cur, job)
         if row is not None:
+            if row["blob_sha256"] != job.blob_sha256:
+                raise IdempotencyKeyReused(job.idempotency_key or "", row["job_id"])
             return row
         if job.replaces:
             # A new version repeats only its own document's current bytes.
@@ -173,12 +202,16 @@ class PgJobStore:
         cur.execute(f"{sql} LIMIT 1", self._new_job_params(job))
         return cur.fetchone()
 
-    def _by_key(self, cur: Cursor, key: str | None) -> DictRow | None:
-        if not key:
+    def _by_key(self, cur: Cursor, job: NewJob) -> DictRow | None:
+        """The first job of the owner's key in the collection (a legacy key, of no recorded
+        owner, answers anyone there)."""
+        if not job.idempotency_key:
             return None
         cur.execute(
-            f"SELECT {JOB} FROM sluice_jobs j WHERE j.idempotency_key = %(key)s",
-            self._params(key=key),
+            f"SELECT {JOB} FROM sluice_jobs j WHERE j.collection = %(collection)s"
+            " AND j.idempotency_key = %(key)s AND j.key_owner IN (%(owner)s, %(legacy)s)"
+            " ORDER BY j.created_at LIMIT 1",
+            {**self._new_job_params(job), "legacy": LEGACY_KEY_OWNER},
         )
         return cur.fetchone()
 
@@ -321,11 +354,19 @@ class PgJobStore:
         return self._db.run(work)
 
     def find_duplicate(
-        self, collection: str, blob_sha256: str, idempotency_key: str | None
+        self,
+        collection: str,
+        blob_sha256: str,
+        idempotency_key: str | None,
+        *,
+        key_owner: str = OPEN_KEY_OWNER,
     ) -> Job | None:
-        """The live job for the same key, or for the same bytes in a live document of the
-        collection (a failed one does not count: uploading again is how people retry)."""
-        probe = NewJob("", "", collection, "", "", 0, blob_sha256, idempotency_key)
+        """The job of the owner's same key in the collection, or for the same bytes in a live
+        document of the collection (a failed one does not count: uploading again is how
+        people retry); `IdempotencyKeyReused` for the key with other bytes."""
+        probe = NewJob(
+            "", "", collection, "", "", 0, blob_sha256, idempotency_key, key_owner=key_owner
+        )
 
         def work(cur: Cursor) -> Job | None:
             row = self._duplicate(cur, probe)
@@ -356,15 +397,66 @@ class PgJobStore:
         return found[0] if found else None
 
     def delete_document(self, document_id: str) -> list[JobBlobs]:
-        """Forget a document (its jobs stay as history); returns the blobs its jobs wrote."""
+        """Forget a document (its jobs stay as history) and free its jobs' Idempotency-Keys;
+        returns the blobs its jobs wrote."""
 
         def work(cur: Cursor) -> list[JobBlobs]:
             cur.execute("DELETE FROM sluice_documents WHERE document_id = %s", (document_id,))
+            cur.execute(
+                "UPDATE sluice_jobs SET idempotency_key = NULL, key_owner = NULL"
+                " WHERE document_id = %s AND idempotency_key IS NOT NULL",
+                (document_id,),
+            )
             cur.execute(
                 "SELECT blob_sha256, parsed_sha256 FROM sluice_jobs WHERE document_id = %s",
                 (document_id,),
             )
             return [JobBlobs(r["blob_sha256"], r["parsed_sha256"]) for r in cur.fetchall()]
+
+        return self._db.run(work)
+
+    def recorded_collection(self, document_id: str) -> str | None:
+        """The collection of a live document, or of a deleted one by its jobs' history."""
+        sql = (
+            "SELECT collection FROM sluice_documents WHERE document_id = %(id)s"
+            " UNION ALL SELECT collection FROM sluice_jobs WHERE document_id = %(id)s LIMIT 1"
+        )
+        rows = self._db.rows(sql, {"id": document_id})
+        return str(rows[0]["collection"]) if rows else None
+
+    def end_deleted_jobs(self, document_id: str) -> list[str]:
+        """End the unended jobs of a deleted document (`document_deleted`); their ids."""
+
+        def work(cur: Cursor) -> list[str]:
+            # Locked in job id order, as folding locks them: a tracker folding one of these
+            # jobs at once waits, or is waited for, and never deadlocks with this.
+            cur.execute(
+                "SELECT job_id, status FROM sluice_jobs WHERE document_id = %(id)s"
+                " AND status NOT IN ('indexed', 'failed') AND NOT EXISTS"
+                " (SELECT 1 FROM sluice_documents WHERE document_id = %(id)s)"
+                " ORDER BY job_id FOR UPDATE",
+                {"id": document_id},
+            )
+            rows = cur.fetchall()
+            for row in rows:
+                error = states.document_deleted(self.pipeline, row["status"])
+                # Its webhook is due like any ended job's (as `retire_superseded` does).
+                cur.execute(
+                    f"UPDATE sluice_jobs SET status = 'failed', error = %(error)s,"
+                    f" updated_at = {NOW}, stage_since = {NOW}, webhook_status = CASE"
+                    " WHEN callback_url IS NULL THEN webhook_status ELSE 'pending' END,"
+                    " webhook_round = webhook_round"
+                    " + (CASE WHEN callback_url IS NULL THEN 0 ELSE 1 END),"
+                    " webhook_attempts = 0, webhook_last_error = NULL,"
+                    " webhook_published_at = NULL, webhook_lease_until = NULL"
+                    " WHERE job_id = %(job_id)s",
+                    self._params(error=error.model_dump_json(), job_id=row["job_id"]),
+                )
+            ended = [str(row["job_id"]) for row in rows]
+            if ended:
+                # Streams following them on other gateways learn that they ended.
+                cur.execute(NOTIFY, {"channel": CHANNEL, "ids": ended})
+            return ended
 
         return self._db.run(work)
 

@@ -7,14 +7,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents (
-    document_id TEXT PRIMARY KEY,
-    collection TEXT NOT NULL,
-    current_job_id TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
+from gateway.store.base import LEGACY_KEY_OWNER
+
+# The jobs table's columns: a new file's, and an old file's once migrated.
+_JOBS_COLUMNS = """
     job_id TEXT PRIMARY KEY,
     document_id TEXT NOT NULL,
     collection TEXT NOT NULL,
@@ -28,7 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     chunks_total INTEGER,
     error TEXT,
     language TEXT,
-    idempotency_key TEXT UNIQUE,
+    idempotency_key TEXT,
     trace_id TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
@@ -43,10 +39,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_last_error TEXT,
     webhook_round INTEGER NOT NULL DEFAULT 0,
     webhook_published_at TEXT,
-    webhook_lease_until TEXT
+    webhook_lease_until TEXT,
+    key_owner TEXT
+"""
+# What an old file's jobs hold when the migration that adds key_owner makes the table anew:
+# the columns before it. (A column added after it comes with that new table, so its own
+# migration finds it there: give it a DEFAULT rather than a backfill.)
+_NAMES = [line.split()[0] for line in _JOBS_COLUMNS.strip().splitlines()]
+_COPIED = ", ".join(_NAMES[: _NAMES.index("key_owner")])
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS documents (
+    document_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    current_job_id TEXT NOT NULL,
+    created_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_by_bytes ON jobs (collection, blob_sha256);
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC);
+CREATE TABLE IF NOT EXISTS jobs ({_JOBS_COLUMNS});
 CREATE TABLE IF NOT EXISTS job_stages (
     job_id TEXT NOT NULL,
     stage TEXT NOT NULL,
@@ -66,8 +74,14 @@ CREATE TABLE IF NOT EXISTS job_units (
     PRIMARY KEY (job_id, stage, batch_index)
 );
 """
-# After the migrations: indexes on columns an older store gets from them.
+# After the migrations: indexes on columns an older store gets from them (and on a jobs table
+# a migration made anew). An Idempotency-Key is unique per owner and collection; a deleted
+# document's jobs have theirs cleared, so the key is free again.
 _INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_bytes ON jobs (collection, blob_sha256);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (key_owner, collection, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 DROP INDEX IF EXISTS jobs_unconfirmed;
 CREATE INDEX IF NOT EXISTS jobs_admitted_unconfirmed ON jobs (admitted_at)
     WHERE confirmed_at IS NULL AND admitted_at IS NOT NULL;
@@ -79,6 +93,7 @@ CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (priority, stage_since)
     WHERE status IN ('indexed', 'failed');
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (stage_since)
     WHERE webhook_status = 'pending' AND webhook_published_at IS NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_document ON jobs (document_id, created_at);
 """
 
 # Stores written before a column existed get it added, counted from what they already hold.
@@ -124,6 +139,23 @@ _MIGRATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "ALTER TABLE jobs ADD COLUMN webhook_lease_until TEXT",
             # Before lanes every job went into the pipeline when it was recorded.
             "UPDATE jobs SET admitted_at = created_at, stage_since = updated_at",
+        ),
+    ),
+    (
+        "jobs",
+        "key_owner",
+        (
+            # The Idempotency-Key was unique in the whole table, and SQLite cannot drop a
+            # column's constraint: the table is made anew, its rows copied (its indexes come
+            # back with _INDEXES). Keys of deleted documents are free; the others had no
+            # owner recorded (LEGACY_KEY_OWNER).
+            f"CREATE TABLE jobs_rebuilt ({_JOBS_COLUMNS})",
+            f"INSERT INTO jobs_rebuilt ({_COPIED}) SELECT {_COPIED} FROM jobs",
+            "DROP TABLE jobs",
+            "ALTER TABLE jobs_rebuilt RENAME TO jobs",
+            "UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key IS NOT NULL"
+            " AND document_id NOT IN (SELECT document_id FROM documents)",
+            f"UPDATE jobs SET key_owner = '{LEGACY_KEY_OWNER}' WHERE idempotency_key IS NOT NULL",
         ),
     ),
 )

@@ -174,6 +174,20 @@ def webhook_after(webhook: Webhook | None, event: JobEvent) -> Webhook | None:
     return replace(webhook, attempts=attempts)
 
 
+def document_deleted(pipeline: Pipeline, status: str) -> JobError:
+    """Why a job ends when its document is deleted before the job did: whatever its stages
+    still do comes to nothing (the index drops it), so it must not look in flight for ever."""
+    return JobError(
+        stage=stage_of_status(pipeline, status) or pipeline.first.name,
+        code="document_deleted",
+        message=(
+            "The document was deleted while this job was in progress: nothing of it stays in "
+            "the index. Upload the file again to have it indexed."
+        ),
+        retryable=False,
+    )
+
+
 def superseded(pipeline: Pipeline) -> JobError:
     """Why a job that waited for admission ends without running: its document was replaced
     by a newer upload, or deleted, first (nothing of it was processed)."""

@@ -11,16 +11,24 @@ import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
 from contracts.errors import Transient
 from contracts.events import JobEvent
+from contracts.message_signature import SIGNATURE_HEADER, MessageSigner
 from contracts.routing import Lane
 from gateway.http.services import JobChanges
 from gateway.store import tracker as tracker_module
-from gateway.store.base import Admission, JobStore, NewJob
+from gateway.store.base import (
+    OPEN_KEY_OWNER,
+    Admission,
+    IdempotencyKeyReused,
+    JobStore,
+    NewJob,
+)
 from gateway.store.job_store import SqliteJobStore
 from gateway.store.tracker import Tracker
 
@@ -65,7 +73,9 @@ def test_jobs_from_before_confirmations_count_as_confirmed(tmp_path: Path) -> No
         assert store.claim_unconfirmed(0, 30, 10) == []
         assert not store.forget("j-old")
         duplicate = store.create(
-            NewJob("j-new", "d-new", "default", "n.pdf", "application/pdf", 1, "x", "old-key")
+            NewJob(
+                "j-new", "d-new", "default", "n.pdf", "application/pdf", 1, "old-bytes", "old-key"
+            )
         )
         assert duplicate is not None and duplicate.job_id == "j-old"
         new = NewJob("j-new", "d-new", "default", "n.pdf", "application/pdf", 1, "new-bytes")
@@ -131,11 +141,50 @@ def test_two_processes_upgrading_one_old_file_at_once_both_start(tmp_path: Path)
         store.close()
 
 
-class Delivery:
-    """A tracker delivery double: its body, and whether it was acked."""
+def test_keys_from_before_owners_answer_in_their_collection_and_free_a_deleted_ones(
+    tmp_path: Path,
+) -> None:
+    path = old_file(tmp_path / "jobs.sqlite3")
+    with sqlite3.connect(path) as db:
+        # A job whose document was deleted: its key was never freed then.
+        db.execute(
+            "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
+            " size_bytes, blob_sha256, status, idempotency_key, created_at, updated_at)"
+            " VALUES ('j-gone', 'd-gone', 'default', 'g.pdf', 'application/pdf', 1, 'gone-bytes',"
+            " 'indexed', 'gone-key', '2024-01-01T00:00:00+00:00', '2024-01-01T00:00:00+00:00')"
+        )
+    db.close()
+    store = SqliteJobStore(path)
 
-    def __init__(self, event: JobEvent) -> None:
+    def upload(job_id: str, sha: str, key: str, owner: str, collection: str = "default") -> Any:
+        job = NewJob(job_id, f"d-{job_id}", collection, "n.txt", "text/plain", 1, sha, key)
+        return store.create(replace(job, key_owner=owner))
+
+    try:
+        # Its owner was not recorded: in its collection it answers whoever may use it.
+        for owner in (OPEN_KEY_OWNER, "fingerprint-of-a-key"):
+            duplicate = upload("j-1", "old-bytes", "old-key", owner)
+            assert duplicate is not None and duplicate.job_id == "j-old"
+            with pytest.raises(IdempotencyKeyReused):
+                upload("j-2", "other-bytes", "old-key", owner)
+        # The key is no longer unique in the whole table: elsewhere two owners use it.
+        assert upload("j-3", "x", "old-key", "alice", "other") is None
+        assert upload("j-4", "y", "old-key", "bob", "other") is None
+        # A deleted document's key is free.
+        assert upload("j-5", "new-bytes", "gone-key", OPEN_KEY_OWNER) is None
+        assert store.get("j-gone") is not None  # the job stays, as history
+    finally:
+        store.close()
+
+
+class Delivery:
+    """A tracker delivery double: its body, signed as a stage sends it, and whether it was
+    acked."""
+
+    def __init__(self, event: JobEvent, signer: MessageSigner) -> None:
         self.body = event.model_dump_json().encode()
+        self.routing_key = event.routing_key
+        self.headers = {SIGNATURE_HEADER: signer.sign(event.routing_key, self.body)}
         self.acked = asyncio.Event()
 
     async def ack(self) -> None:
@@ -167,10 +216,12 @@ async def test_the_tracker_folds_again_once_the_store_is_back(
     assert store.create(NewJob("j1", "d1", "default", "a.pdf", "application/pdf", 1, "a")) is None
     flaky = FlakyStore(store, away=2)
     changes = JobChanges()
-    tracker = Tracker(cast(Any, None), cast(JobStore, flaky), changes)
+    signer = MessageSigner("test-secret")
+    tracker = Tracker(cast(Any, SimpleNamespace(signer=signer)), cast(JobStore, flaky), changes)
     folder = asyncio.create_task(tracker._fold_forever())
     try:
-        delivery = Delivery(JobEvent(job_id="j1", document_id="d1", stage="parse", kind="started"))
+        started = JobEvent(job_id="j1", document_id="d1", stage="parse", kind="started")
+        delivery = Delivery(started, signer)
         await tracker._on_event(cast(Any, delivery))
         async with asyncio.timeout(10):
             await delivery.acked.wait()

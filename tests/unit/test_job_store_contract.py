@@ -24,7 +24,14 @@ from contracts.errors import Transient
 from contracts.events import JobError, JobEvent
 from contracts.routing import Lane
 from contracts.settings import Settings
-from gateway.store.base import Admission, JobStore, NewJob
+from gateway.store.base import (
+    OPEN_KEY_OWNER,
+    Admission,
+    DocumentGone,
+    IdempotencyKeyReused,
+    JobStore,
+    NewJob,
+)
 from gateway.store.changes import (
     APPLICATION_NAME,
     InProcessChangeFeed,
@@ -111,8 +118,10 @@ def new_job(
     replaces: bool = False,
     priority: Lane = "interactive",
     callback_url: str | None = None,
+    owner: str = OPEN_KEY_OWNER,
 ) -> NewJob:
-    """A job about to be queued; its bytes are its own unless `sha` says otherwise."""
+    """A job about to be queued; its bytes are its own unless `sha` says otherwise; `owner`
+    is whose `key` it is."""
     return NewJob(
         job_id=job_id,
         document_id=document_id,
@@ -125,6 +134,7 @@ def new_job(
         replaces=replaces,
         priority=priority,
         callback_url=callback_url,
+        key_owner=owner,
     )
 
 
@@ -351,15 +361,16 @@ def test_documents_their_current_job_and_their_blobs(store: JobStore) -> None:
     assert store.create(new_job("j2", "d1", replaces=True)) is None
     current = store.current_job("d1")
     assert current is not None and current.job_id == "j2"
-    store.apply(event("parse", parsed_sha256="parsed-1"))
-    assert store.blob_in_use("sha-of-j1") and store.blob_in_use("parsed-1")
+    parsed = "5" * 64  # events name blobs by sha256 only
+    store.apply(event("parse", parsed_sha256=parsed))
+    assert store.blob_in_use("sha-of-j1") and store.blob_in_use(parsed)
     blobs = store.delete_document("d1")
     assert {(b.blob_sha256, b.parsed_sha256) for b in blobs} == {
-        ("sha-of-j1", "parsed-1"),
+        ("sha-of-j1", parsed),
         ("sha-of-j2", None),
     }
     assert store.document_collection("d1") is None and store.current_job("d1") is None
-    assert not store.blob_in_use("sha-of-j1") and not store.blob_in_use("parsed-1")
+    assert not store.blob_in_use("sha-of-j1") and not store.blob_in_use(parsed)
     assert get(store, "j1").job_id == "j1"  # jobs stay, as history
     store.ping()
 
@@ -372,8 +383,8 @@ def test_create_returns_a_duplicate_and_writes_nothing(backend: Backend) -> None
     assert store.create(new_job("a", "da", sha="X", key="key-1")) is None
     before = all_jobs(store)
 
-    # The same Idempotency-Key: that job, whatever the bytes or the collection.
-    same_key = store.create(new_job("b", "db", "other", sha="Y", key="key-1"))
+    # The same Idempotency-Key with the same bytes: that job.
+    same_key = store.create(new_job("b", "db", sha="X", key="key-1"))
     assert same_key is not None and same_key.job_id == "a"
     # The same bytes in a live document of the collection.
     same_bytes = store.create(new_job("c", "dc", sha="X"))
@@ -418,8 +429,8 @@ def test_of_concurrent_uploads_of_one_thing_exactly_one_creates(
     stores = [backend.open(), backend.open(), backend.open()]
 
     def upload(i: int) -> str | None:
-        if same == "key":  # a client retrying: same key, and here even other bytes
-            job = new_job(f"j{i}", f"d{i}", sha=f"bytes-{i}", key="one-key")
+        if same == "key":  # a client retrying: same key, same bytes
+            job = new_job(f"j{i}", f"d{i}", sha="the-same-bytes", key="one-key")
         else:
             job = new_job(f"j{i}", f"d{i}", sha="the-same-bytes")
         duplicate = stores[i % len(stores)].create(job)
@@ -432,6 +443,79 @@ def test_of_concurrent_uploads_of_one_thing_exactly_one_creates(
     assert all(answer == winner for answer in answers if answer is not None), answers
     assert all_jobs(stores[0]) == [winner]
     assert stores[0].document_collection(f"d{created[0]}") == "default"
+
+
+def test_an_idempotency_key_is_its_owners_in_one_collection(backend: Backend) -> None:
+    store = backend.open()
+    assert store.create(new_job("a", "da", sha="X", key="k", owner="alice")) is None
+    # A new version, so the same bytes alone are no duplicate: only the key answers below.
+    assert store.create(new_job("a1", "da", sha="V", replaces=True)) is None
+
+    again = store.create(new_job("a2", "da2", sha="X", key="k", owner="alice"))
+    assert again is not None and again.job_id == "a"
+    found = store.find_duplicate("default", "X", "k", key_owner="alice")
+    assert found is not None and found.job_id == "a"
+    # Other bytes with that key: refused, nothing written, the first job named.
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        store.create(new_job("a3", "da3", sha="Y", key="k", owner="alice"))
+    assert (reused.value.code, reused.value.first_job_id) == ("idempotency_key_reused", "a")
+    assert "'k'" in reused.value.message and "other content" in reused.value.message
+    with pytest.raises(IdempotencyKeyReused):
+        store.find_duplicate("default", "Y", "k", key_owner="alice")
+    assert store.get("a3") is None and store.document_collection("da3") is None
+
+    # Another owner's key of the same name is a key of its own: its upload is new work,
+    # never answered with alice's job, and its key answers it from then on.
+    assert store.find_duplicate("default", "Y", "k", key_owner="bob") is None
+    assert store.create(new_job("b", "db", sha="Y", key="k", owner="bob")) is None
+    bobs = store.create(new_job("b2", "db2", sha="Y", key="k", owner="bob"))
+    assert bobs is not None and bobs.job_id == "b"
+    # So is alice's key in another collection.
+    assert store.create(new_job("c", "dc", "other", sha="Y", key="k", owner="alice")) is None
+    assert {get(store, j).document_id for j in ("a", "b", "c")} == {"da", "db", "dc"}
+    # An empty key is no key: it never makes one upload the duplicate of another.
+    assert store.create(new_job("e1", "de1", sha="E1", key="")) is None
+    assert store.create(new_job("e2", "de2", sha="E2", key="")) is None
+
+
+def test_a_deleted_documents_keys_are_free_again(backend: Backend) -> None:
+    store = backend.open()
+    assert store.create(new_job("a", "da", sha="X", key="k")) is None
+    store.delete_document("da")
+    # The key starts afresh: new work, with other bytes or with the same.
+    assert store.find_duplicate("default", "Y", "k") is None
+    assert store.create(new_job("b", "db", sha="Y", key="k")) is None
+    store.delete_document("db")
+    assert store.create(new_job("c", "dc", sha="X", key="k")) is None
+    assert get(store, "a").document_id == "da"  # the jobs stay, as history
+    # A job withdrawn (its publish refused) frees its key too.
+    assert store.create(new_job("d", "dd", sha="Z", key="k2")) is None
+    assert store.forget("d")
+    assert store.create(new_job("e", "de", sha="W", key="k2")) is None
+
+
+def test_of_concurrent_uploads_with_one_key_one_creates_for_each_owner(backend: Backend) -> None:
+    stores = [backend.open(), backend.open(), backend.open()]
+    owners = ("alice", "bob")
+
+    def upload(i: int) -> str:
+        # Every upload has bytes of its own: of each owner's, one is the key's first.
+        owner = owners[i % len(owners)]
+        job = new_job(f"j{i}", f"d{i}", sha=f"bytes-{i}", key="one-key", owner=owner)
+        try:
+            duplicate = stores[i % len(stores)].create(job)
+        except IdempotencyKeyReused as exc:
+            return f"reused:{exc.first_job_id}"
+        assert duplicate is None, duplicate  # never another's job: the bytes differ
+        return "created"
+
+    answers = at_once(30, upload)
+    for n in range(len(owners)):
+        mine = answers[n :: len(owners)]
+        assert mine.count("created") == 1, answers
+        winner = f"j{n + mine.index('created') * len(owners)}"
+        assert all(a == f"reused:{winner}" for a in mine if a != "created"), answers
+    assert len(all_jobs(stores[0])) == len(owners)
 
 
 def test_a_job_is_confirmed_by_its_confirm_or_by_any_event(store: JobStore) -> None:
@@ -970,3 +1054,90 @@ def test_a_store_from_before_lanes_counts_its_jobs_admitted(postgres: PostgresHa
         assert job.queue.position == 0 and store.is_admitted("old")
     finally:
         store.close()
+
+
+def test_keys_from_before_owners_answer_in_their_collection(postgres: PostgresHandle) -> None:
+    url = postgres.database("before_owners")
+    with psycopg.connect(url) as conn:
+        migrate(conn, COMPONENT, MIGRATIONS[:2])
+        for job_id, document in (("old", "d-old"), ("gone", "d-gone")):
+            conn.execute(
+                "INSERT INTO sluice_jobs (job_id, document_id, collection, filename,"
+                " content_type, size_bytes, blob_sha256, status, idempotency_key, created_at,"
+                " updated_at) VALUES (%s, %s, 'default', 'old.pdf', 'application/pdf', 1,"
+                " 'old-bytes', 'indexed', %s, now(), now())",
+                (job_id, document, f"{job_id}-key"),
+            )
+        # Only d-old is still there: d-gone was deleted, its key never freed then.
+        conn.execute("INSERT INTO sluice_documents VALUES ('d-old', 'default', 'old', now())")
+    store = PgJobStore(url)
+    try:
+        # Its owner was not recorded: in its collection it answers whoever may use it.
+        for owner in (OPEN_KEY_OWNER, "fingerprint-of-a-key"):
+            again = store.create(new_job("n1", "dn1", sha="old-bytes", key="old-key", owner=owner))
+            assert again is not None and again.job_id == "old"
+            with pytest.raises(IdempotencyKeyReused):
+                store.create(new_job("n2", "dn2", sha="other", key="old-key", owner=owner))
+        # No longer unique in the whole table: elsewhere two owners use it.
+        assert store.create(new_job("n3", "dn3", "other", key="old-key", owner="alice")) is None
+        assert store.create(new_job("n4", "dn4", "other", key="old-key", owner="bob")) is None
+        # A deleted document's key is free.
+        assert store.create(new_job("n5", "dn5", key="gone-key")) is None
+    finally:
+        store.close()
+
+
+# --- deleting a document while its work is under way -------------------------------------------
+
+
+def test_a_deleted_document_is_known_by_its_history_and_its_unended_jobs_end(
+    backend: Backend,
+) -> None:
+    store = backend.open()
+    assert store.create(new_job("j1", "d1", callback_url=URL)) is None
+    store.apply(event("parse", "started"))
+    assert store.create(new_job("j2", "d2", collection="red")) is None
+    ends(store, "j2", "d2")
+    assert store.end_deleted_jobs("d1") == []  # a live document's jobs are left alone
+    assert get(store, "j1").status == "parsing"
+
+    store.delete_document("d1")
+    store.delete_document("d2")
+    assert store.document_collection("d1") is None
+    assert (store.recorded_collection("d1"), store.recorded_collection("d2")) == ("default", "red")
+    assert store.recorded_collection("never") is None
+    assert store.end_deleted_jobs("d1") == ["j1"]
+    assert store.end_deleted_jobs("d1") == []  # ended once
+    assert store.end_deleted_jobs("d2") == []  # indexed before it was deleted: history
+    assert get(store, "j2").status == "indexed"
+
+    job = get(store, "j1")
+    assert (job.status, job.error.stage, job.error.code, job.error.retryable) == (
+        "failed",
+        "parse",
+        "document_deleted",
+        False,
+    )
+    assert job.error.message.strip()
+    assert job.webhook is not None and job.webhook.status == "pending"  # its caller is told
+    # What its stages still report (the index drops their batches) cannot revive it.
+    store.apply(event("parse", pages=1, parsed_sha256="b" * 64))
+    store.apply(event("chunk", chunks_total=1, batch_count=1))
+    store.apply(event("embed", chunks=1))
+    store.apply(event("index", chunks=1))
+    assert get(store, "j1").status == "failed"
+    assert get(store, "j1").error.code == "document_deleted"
+    # Another gateway knows it the same way.
+    assert backend.open().recorded_collection("d1") == "default"
+
+
+def test_a_new_version_of_a_document_deleted_meanwhile_is_refused(backend: Backend) -> None:
+    # PUT checked that the document exists, then read the upload; a DELETE came in between.
+    store = backend.open()
+    assert store.create(new_job("j1", "d1")) is None
+    store.delete_document("d1")
+    with pytest.raises(DocumentGone) as refused:
+        store.create(new_job("j2", "d1", replaces=True))
+    assert refused.value.code == "document_not_found"
+    assert store.document_collection("d1") is None  # not brought back
+    assert store.get("j2") is None and all_jobs(store) == ["j1"]
