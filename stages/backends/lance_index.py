@@ -1,16 +1,28 @@
-"""The vector index on LanceDB under the data directory: a chunks table per collection, and
-one ledger of the batches each document version has written (how completion is known)."""
+"""The vector index on LanceDB under the data directory: a chunks table per collection, one
+ledger of the batches each document version has written (how completion is known), and a
+tombstone per deleted document (how a delete wins over batches still on their way).
+
+A delete and a write of the same document may run at once in two processes, and LanceDB has
+no transaction across tables; each table's commit is atomic, and with a read consistency
+interval of zero every read and every delete starts from the latest committed version. So a
+delete writes its tombstone first and then deletes the chunks, and a write stores its chunks
+first and then looks for a tombstone, removing what it stored if it finds one: if the write's
+look came before the tombstone, the chunks were committed before the delete began, and the
+delete removes them; otherwise the write sees the tombstone. Either way nothing is left.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from contracts.errors import StorageFull, is_disk_full
 from contracts.messages import EmbeddedBatch
 from stages.backends.protocols import IndexHit
 from stages.infra import memory
@@ -48,6 +60,16 @@ _LEDGER_SCHEMA = pa.schema(
 )
 
 
+_TOMBSTONES = "tombstones"
+_TOMBSTONE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("document_id", pa.string(), nullable=False),
+    ]
+)
+
+
 def _quote(value: str) -> str:
     # Filters are SQL strings; ids are ours, but quote them properly all the same.
     return "'" + value.replace("'", "''") + "'"
@@ -75,8 +97,9 @@ class LanceIndex:
         # Local names: a reconnect from another thread swaps both without breaking this call.
         db, tables = self.db, self._tables
         if name not in tables:
-            if name in db.list_tables().tables:
-                tables[name] = _upgraded(db.open_table(name))
+            opened = _opened(db, name) if name in db.list_tables().tables else None
+            if opened is not None:
+                tables[name] = opened
             elif dimensions is not None:
                 tables[name] = db.create_table(name, schema=_schema(dimensions), exist_ok=True)
             else:
@@ -95,11 +118,19 @@ class LanceIndex:
         return tables[_LEDGER]
 
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
-        """Insert or replace the chunks of several batches by chunk id, in one write.
+        """Insert or replace the chunks of several batches by chunk id, in one write; the
+        batches of a deleted document are dropped (see the module's docstring).
 
         LanceDB makes a new version per write, so many small writes are slow to write and to
         read: batches share a write, and the table is compacted every `_COMPACT_EVERY` writes.
         """
+        gone = self._deleted(collection, {b.document_id for b in batches})
+        if gone:
+            # A write that died between its chunks and its look for a tombstone left them.
+            self._purge(collection, gone)
+            batches = [b for b in batches if b.document_id not in gone]
+            if not batches:
+                return
         rows = [
             {
                 "chunk_id": c.chunk_id,
@@ -130,7 +161,7 @@ class LanceIndex:
         # A redelivered batch can share a write with its original: merge_insert matches
         # against the table, not within its own input, so one write must hold each id once.
         rows = list({str(row["chunk_id"]): row for row in rows}.values())
-        with self._write_lock:
+        with self._write_lock, self._full_disk_is_transient(collection):
             if rows:
                 dimensions = len(rows[0]["vector"])  # type: ignore[arg-type]
                 table = self._table(collection, dimensions=dimensions)
@@ -142,13 +173,85 @@ class LanceIndex:
             _merge(ledger, "key", list(arrived.values()))
             self._writes[collection] = self._writes.get(collection, 0) + 1
             if self._writes[collection] % _COMPACT_EVERY == 0:
-                for compacted in (self._table(collection), ledger):
+                # Tombstones too: gateways add one a delete, and never compact.
+                tombstones = self._tables.get(_TOMBSTONES)
+                for compacted in (self._table(collection), ledger, tombstones):
                     if compacted is not None:
                         compacted.optimize()
                 # LanceDB's native state grows with every version a connection has seen
                 # (~0.2 MB a write here); a fresh one after each compaction starts it over.
                 self._connect()
                 memory.give_back()
+        self._undo_if_deleted(collection, {b.document_id for b in batches})
+
+    def _undo_if_deleted(self, collection: str, documents: set[str]) -> None:
+        """Remove what a write just stored for documents deleted while it was written."""
+        # Only after the write is committed: see the module's docstring for why this order
+        # leaves nothing of a deleted document, whichever process gets there first.
+        late = self._deleted(collection, documents)
+        if late:
+            self._purge(collection, late)
+
+    def _deleted(self, collection: str, documents: set[str]) -> set[str]:
+        """Those of `documents` that have a tombstone in `collection`."""
+        if not documents or not self._has_table(_TOMBSTONES):
+            return set()
+        rows = (
+            self._tombstones()
+            .search()
+            .where(f"collection = {_quote(collection)} AND document_id IN ({_quoted(documents)})")
+            .select(["document_id"])
+            .limit(None)
+            .to_list()
+        )
+        return {str(r["document_id"]) for r in rows}
+
+    def _purge(self, collection: str, documents: set[str]) -> None:
+        """Drop the chunks and ledger rows of deleted documents, if any are left."""
+        table = self._table(collection)
+        where = f"document_id IN ({_quoted(documents)})"
+        ledger_where = f"collection = {_quote(collection)} AND {where}"
+        # A delete is a new table version even when it matches nothing: skip the common case
+        # (the delete itself removed everything, and a late batch only finds its tombstone).
+        with self._write_lock, self._full_disk_is_transient(collection):
+            if table is not None and table.count_rows(where):
+                table.delete(where)
+            if self._has_ledger() and self._ledger().count_rows(ledger_where):
+                self._ledger().delete(ledger_where)
+
+    def _has_table(self, name: str) -> bool:
+        # Only a table found is remembered: another process may create it at any moment.
+        return name in self._tables or name in self.db.list_tables().tables
+
+    def _tombstones(self) -> Any:
+        db, tables = self.db, self._tables
+        if _TOMBSTONES not in tables:
+            tables[_TOMBSTONES] = db.create_table(
+                _TOMBSTONES, schema=_TOMBSTONE_SCHEMA, exist_ok=True
+            )
+        return tables[_TOMBSTONES]
+
+    def is_deleted(self, collection: str, document_id: str) -> bool:
+        """Whether the document was deleted (it has a tombstone)."""
+        return bool(self._deleted(collection, {document_id}))
+
+    @contextmanager
+    def _full_disk_is_transient(self, collection: str) -> Iterator[None]:
+        """LanceDB's "No space left on device" as `StorageFull`, retried until space returns.
+
+        A write cut short leaves no table version behind (LanceDB commits a version last), so
+        the retry finds the table as it was before.
+        """
+        try:
+            yield
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            raise StorageFull(
+                f"the index at {self.root} has no space left to write collection "
+                f"{collection!r}; free space on its disk: the index stage retries the write "
+                "until it fits"
+            ) from exc
 
     def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
         """How many distinct batches of this version (job) of a document were written."""
@@ -167,15 +270,22 @@ class LanceIndex:
         where = f"document_id = {_quote(document_id)} AND job_id != {_quote(job_id)}"
         # A delete is a new table version even when it matches nothing: skip the common case.
         if table is not None and table.count_rows(where):
-            with self._write_lock:
+            with self._write_lock, self._full_disk_is_transient(collection):
                 table.delete(where)
                 self._forget_batches(collection, where)
 
     def delete_document(self, collection: str, document_id: str) -> None:
-        """Drop every chunk of a document."""
-        table = self._table(collection)
+        """Drop every chunk of a document for good: its tombstone first, then its chunks."""
+        key = f"{collection}/{document_id}"
+        tombstone = {"key": key, "collection": collection, "document_id": document_id}
         where = f"document_id = {_quote(document_id)}"
-        with self._write_lock:
+        with self._write_lock, self._full_disk_is_transient(collection):
+            # The tombstone is committed before the chunks are looked for: a write that
+            # missed it committed its chunks before this, and the delete below finds them.
+            # (Deleting again adds no version: a tombstone is never removed.)
+            if not self._deleted(collection, {document_id}):
+                _merge(self._tombstones(), "key", [tombstone])
+            table = self._table(collection)
             if table is not None:
                 table.delete(where)
             self._forget_batches(collection, where)
@@ -220,10 +330,26 @@ class LanceIndex:
         ]
 
 
+def _quoted(values: set[str]) -> str:
+    """An SQL list of quoted strings, in a stable order."""
+    return ", ".join(_quote(v) for v in sorted(values))
+
+
 def _merge(table: Any, key: str, rows: list[dict[str, Any]]) -> None:
     """Insert or replace `rows` by `key`, in one table version."""
     data = pa.Table.from_pylist(rows, schema=table.schema)
     table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+
+def _opened(db: Any, name: str) -> Any | None:
+    """A listed table, opened; None if it is no table yet: a create a full disk cut short
+    leaves a directory LanceDB lists but cannot open (creating it again works)."""
+    try:
+        return _upgraded(db.open_table(name))
+    except ValueError as exc:
+        if "was not found" not in str(exc):
+            raise
+        return None
 
 
 def _upgraded(table: Any) -> Any:

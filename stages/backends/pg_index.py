@@ -12,10 +12,19 @@ first write and needs no DDL on the write path but once per dimension, and a mod
 another dimension (a reindex with a new embedder) can write beside the old one instead of
 failing on a fixed-width column. Every stored value is a `vector(n)`; searches cast to the
 query's dimension, which is what lets the planner use that dimension's index.
+
+How a delete wins over batches still on their way: a deleted document keeps a tombstone
+(`sluice_index_tombstones`). Under READ COMMITTED a write that checks for the tombstone in
+its own transaction can still miss one committed after its check, while the delete misses its
+chunks, not yet committed; so each transaction holds an advisory lock per document, shared by
+writers and exclusive for the delete, until it ends. A write then commits entirely before a
+delete of the same document begins, and the delete removes its chunks, or it begins after the
+delete committed, and it sees the tombstone and stores nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,8 +90,21 @@ def _version_1(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_TABLES)
 
 
+_TOMBSTONES = """
+    CREATE TABLE IF NOT EXISTS sluice_index_tombstones (
+        collection text NOT NULL,
+        document_id text NOT NULL,
+        deleted_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (collection, document_id)
+    )
+"""
+
 # Migration n takes the schema from version n - 1 to n; append, never edit a released step.
-MIGRATIONS: tuple[Step, ...] = (_version_1,)
+MIGRATIONS: tuple[Step, ...] = (_version_1, _TOMBSTONES)
+
+# The first key of the advisory locks on documents (ASCII "doc" as an int), with a hash of the
+# document as the second: the two-key lock space never meets the schema lock's one-key space.
+_DOCUMENT_LOCK_CLASS = 0x646F63
 
 _UPSERT_CHUNK = """
     INSERT INTO sluice_chunks (collection, chunk_id, document_id, job_id, filename,
@@ -112,6 +134,24 @@ def _dimension_sql(template: str, dimensions: int) -> sql.Composed:
     return sql.SQL(template).format(
         n=sql.SQL(str(int(dimensions))), name=sql.Identifier(vector_index_name(dimensions))
     )
+
+
+def _document_key(collection: str, document_id: str) -> int:
+    """The second key of a document's advisory lock: a signed 32-bit hash (a collision only
+    makes two documents wait for each other)."""
+    digest = hashlib.blake2b(f"{collection}/{document_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _lock_documents(
+    cur: psycopg.Cursor[Any], collection: str, documents: set[str], *, shared: bool
+) -> None:
+    """Hold the documents' advisory locks until the transaction ends."""
+    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    # In one order: two writers waiting behind deletes of each other's documents never
+    # deadlock.
+    for key in sorted({_document_key(collection, d) for d in documents}):
+        cur.execute(f"SELECT {lock}(%s, %s)", (_DOCUMENT_LOCK_CLASS, key))
 
 
 def _vector_text(vector: Sequence[float]) -> str:
@@ -237,7 +277,8 @@ class PgVectorIndex:
         self._indexed.add(dimensions)
 
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
-        """Insert or replace chunks by chunk id and record each batch (an empty one too)."""
+        """Insert or replace chunks by chunk id and record each batch (an empty one too); the
+        batches of a deleted document are dropped (see the module's docstring)."""
         # A redelivered batch can share a write with its original: keep each id once.
         chunks = {c.chunk_id: (b, c) for b in batches for c in b.chunks}
         for dimensions in {len(c.vector) for _, c in chunks.values()}:
@@ -266,11 +307,43 @@ class PgVectorIndex:
             }.items()
         )
         with self._connection() as conn, conn.cursor() as cur:
-            if rows:
-                cur.executemany(_UPSERT_CHUNK, rows)
-            # Same transaction as the chunks: a batch counts as arrived exactly when its
-            # chunks are in.
-            cur.executemany(_RECORD_BATCH, [(*key, count) for key, count in arrived])
+            documents = {b.document_id for b in batches}
+            _lock_documents(cur, collection, documents, shared=True)
+            gone = self._deleted(cur, collection, documents)
+            self._write(
+                cur,
+                [r for r in rows if r[2] not in gone],
+                [(*key, count) for key, count in arrived if key[1] not in gone],
+            )
+
+    def _write(
+        self,
+        cur: psycopg.Cursor[Any],
+        rows: list[tuple[Any, ...]],
+        arrived: list[tuple[Any, ...]],
+    ) -> None:
+        """Store chunk rows and ledger rows, in the caller's transaction."""
+        if rows:
+            cur.executemany(_UPSERT_CHUNK, rows)
+        # Same transaction as the chunks: a batch counts as arrived exactly when its chunks
+        # are in.
+        if arrived:
+            cur.executemany(_RECORD_BATCH, arrived)
+
+    @staticmethod
+    def _deleted(cur: psycopg.Cursor[Any], collection: str, documents: set[str]) -> set[str]:
+        """Those of `documents` that have a tombstone in `collection`."""
+        cur.execute(
+            "SELECT document_id FROM sluice_index_tombstones"
+            " WHERE collection = %s AND document_id = ANY(%s)",
+            (collection, sorted(documents)),
+        )
+        return {str(r[0]) for r in cur.fetchall()}
+
+    def is_deleted(self, collection: str, document_id: str) -> bool:
+        """Whether the document was deleted (it has a tombstone)."""
+        with self._connection() as conn, conn.cursor() as cur:
+            return bool(self._deleted(cur, collection, {document_id}))
 
     def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
         """How many distinct batches of this version (job) of a document were written."""
@@ -297,10 +370,17 @@ class PgVectorIndex:
                 )
 
     def delete_document(self, collection: str, document_id: str) -> None:
-        """Drop every chunk of a document."""
-        with self._connection() as conn:
+        """Drop every chunk of a document for good: its tombstone and the deletion of its
+        chunks commit together, once no write of the document is under way."""
+        with self._connection() as conn, conn.cursor() as cur:
+            _lock_documents(cur, collection, {document_id}, shared=False)
+            cur.execute(
+                "INSERT INTO sluice_index_tombstones (collection, document_id) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (collection, document_id),
+            )
             for table in ("sluice_chunks", "sluice_index_batches"):
-                conn.execute(
+                cur.execute(
                     sql.SQL("DELETE FROM {} WHERE collection = %s AND document_id = %s").format(
                         sql.Identifier(table)
                     ),

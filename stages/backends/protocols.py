@@ -71,11 +71,16 @@ class VectorIndex(Protocol):
 
     A document version (job) is complete in the index when every one of its batches has
     been written (`batches_done`), whatever a stage did to the number of chunks per batch.
+
+    A delete wins: `delete_document` leaves a durable tombstone, and no batch of the document
+    written before, during or after it is left stored, whichever process writes it and in
+    whatever order the two meet (tests/unit/test_index_contract.py holds both backends to it).
     """
 
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
         """Insert or replace the chunks of several batches by chunk id, in one write, and
-        record each batch as arrived (an empty batch too)."""
+        record each batch as arrived (an empty batch too); batches of a deleted document are
+        dropped: neither stored nor recorded."""
         ...
 
     def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
@@ -87,7 +92,12 @@ class VectorIndex(Protocol):
         ...
 
     def delete_document(self, collection: str, document_id: str) -> None:
-        """Drop every chunk of a document."""
+        """Drop every chunk of a document for good: its tombstone stays, so batches of it that
+        are still on their way are dropped too (deleting again is harmless)."""
+        ...
+
+    def is_deleted(self, collection: str, document_id: str) -> bool:
+        """Whether the document was deleted (it has a tombstone)."""
         ...
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:

@@ -13,22 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from contracts import pipeline
-from contracts.errors import Permanent
+from contracts.errors import Permanent, Transient
 from contracts.messages import Chunk, ChunkBatch, DocumentParsed, ParsedDocument, chunk_id
 from contracts.settings import SPECIAL_TOKENS, Settings
 from stages.backends.embedder import packaged_model_dir
 from stages.backends.factory import open_blob_store
 from stages.backends.protocols import BlobStore
+from stages.kit.deletions import Deletions
 from stages.stage import Stage
 
 
 @dataclass(frozen=True)
 class ChunkContext:
-    """What the chunk stage needs: the blob store, a splitter, and the batch size."""
+    """What the chunk stage needs: the blob store, a splitter, the batch size, and how to tell
+    that a document was deleted."""
 
     blobs: BlobStore
     splitter: Any
     chunks_per_message: int
+    deletions: Deletions
 
 
 def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> Any:
@@ -54,7 +57,9 @@ async def startup(settings: Settings) -> ChunkContext:
         settings.chunk_max_tokens,
         settings.chunk_overlap_tokens,
     )
-    return ChunkContext(open_blob_store(settings), splitter, settings.chunks_per_message)
+    return ChunkContext(
+        open_blob_store(settings), splitter, settings.chunks_per_message, Deletions(settings)
+    )
 
 
 def split(parsed: ParsedDocument, splitter: Any) -> list[tuple[str, int | None, str | None]]:
@@ -68,8 +73,15 @@ def split(parsed: ParsedDocument, splitter: Any) -> list[tuple[str, int | None, 
 
 
 async def handle(msg: DocumentParsed, ctx: ChunkContext) -> list[ChunkBatch]:
-    """Split a parsed document into chunk batches with deterministic chunk ids."""
-    parsed = ParsedDocument.model_validate_json(ctx.blobs.read_bytes(msg.parsed_sha256))
+    """Split a parsed document into chunk batches with deterministic chunk ids; a document
+    deleted meanwhile (its parsed text gone with it) is dropped."""
+    try:
+        text = ctx.blobs.read_bytes(msg.parsed_sha256)
+    except Transient as exc:
+        if await ctx.deletions.explains(msg, exc):
+            return []
+        raise
+    parsed = ParsedDocument.model_validate_json(text)
     pieces = await asyncio.to_thread(split, parsed, ctx.splitter)
     if not pieces:
         raise Permanent(

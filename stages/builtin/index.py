@@ -3,6 +3,10 @@
 When every batch of a new version is in, the previous version's chunks are removed, so a
 replaced document is searchable without a gap and never twice. Completion counts batches,
 not chunks: a stage before this one may have dropped or added chunks in any batch.
+
+A delete wins: the batches of a document deleted while they were on their way are dropped by
+the index itself (its tombstone, stages/backends/protocols.py `VectorIndex`), so they end
+like any other batch, acked once, and neither they nor a version swap bring it back.
 """
 
 from __future__ import annotations

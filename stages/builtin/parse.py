@@ -5,22 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contracts import pipeline
+from contracts.errors import Transient
 from contracts.messages import DocumentParsed, DocumentUploaded
 from contracts.settings import Settings
 from stages.backends.factory import open_blob_store
 from stages.backends.protocols import BlobStore
 from stages.formats import Limits, parse_document
+from stages.kit.deletions import Deletions
 from stages.kit.sandbox import Sandbox
 from stages.stage import Stage
 
 
 @dataclass(frozen=True)
 class ParseContext:
-    """What the parse stage needs: the blob store, its limits, and worker processes to parse in."""
+    """What the parse stage needs: the blob store, its limits, worker processes to parse in,
+    and how to tell that a document was deleted."""
 
     blobs: BlobStore
     limits: Limits
     sandbox: Sandbox
+    deletions: Deletions
 
 
 async def startup(settings: Settings) -> ParseContext:
@@ -37,13 +41,20 @@ async def startup(settings: Settings) -> ParseContext:
         blobs=open_blob_store(settings),
         limits=Limits.from_settings(settings),
         sandbox=sandbox,
+        deletions=Deletions(settings),
     )
 
 
 async def handle(msg: DocumentUploaded, ctx: ParseContext) -> list[DocumentParsed]:
-    """Extract the text of an upload; a bad, too big or too slow file fails the job."""
-    with ctx.blobs.as_file(msg.blob_sha256) as source:
-        parsed = await ctx.sandbox.run(parse_document, source, msg.content_type, ctx.limits)
+    """Extract the text of an upload; a bad, too big or too slow file fails the job, and one
+    deleted before its turn (its upload gone with it) is dropped."""
+    try:
+        with ctx.blobs.as_file(msg.blob_sha256) as source:
+            parsed = await ctx.sandbox.run(parse_document, source, msg.content_type, ctx.limits)
+    except Transient as exc:
+        if await ctx.deletions.explains(msg, exc):
+            return []
+        raise
     parsed_sha256 = ctx.blobs.put_bytes(parsed.model_dump_json().encode())
     return [
         DocumentParsed(

@@ -204,6 +204,8 @@ async def test_new_version_replaces_the_old_and_delete_removes_it(
     assert not blob_path.exists()
     results = await api.get("/v1/search", params={"q": new_text, "collection": "versions"})
     assert results.json()["results"] == []
-    missing = await api.delete(f"/v1/documents/{document_id}")
+    # Deleting again answers the same; an id that never was is still not found.
+    assert (await api.delete(f"/v1/documents/{document_id}")).status_code == 204
+    missing = await api.delete(f"/v1/documents/{'0' * 32}")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "document_not_found"
     assert (await api.get("/v1/jobs/nope")).json()["error"]["code"] == "job_not_found"

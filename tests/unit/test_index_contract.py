@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,7 +19,7 @@ from postgres import PostgresHandle
 from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch, EmbeddedChunk
 from stages.backends.lance_index import LanceIndex
-from stages.backends.pg_index import PgVectorIndex
+from stages.backends.pg_index import MIGRATIONS, PgVectorIndex
 from stages.backends.protocols import VectorIndex
 from stages.builtin.index import write
 
@@ -258,7 +260,7 @@ def test_indexes_started_at_once_on_an_empty_database_all_come_up(
     try:
         assert failed == []
         assert len(opened) == start.parties
-        assert {pg.schema_version for pg in opened} == {1}
+        assert {pg.schema_version for pg in opened} == {len(MIGRATIONS)}
         opened[0].upsert("default", [batch([chunk("c0")])])
         assert opened[-1].chunk_ids("default", "d1") == ["c0"]
     finally:
@@ -266,7 +268,7 @@ def test_indexes_started_at_once_on_an_empty_database_all_come_up(
             pg.close()
     with psycopg.connect(url) as db:
         versions = db.execute("SELECT component, version FROM sluice_schema_versions").fetchall()
-    assert versions == [("index", 1)]
+    assert versions == [("index", len(MIGRATIONS))]
 
 
 def test_an_unreachable_database_is_a_transient_error_a_person_can_act_on(
@@ -319,3 +321,188 @@ def test_the_hnsw_index_answers_a_small_collection_among_a_big_one(
         assert [h.chunk_id for h in hits] == [f"c{i}" for i in range(100)]
     finally:
         pg.close()
+
+
+# A delete wins: a document deleted while batches of it are on their way (in a queue, in
+# another process's write) keeps nothing in the index, in every order the two can meet.
+
+DOC = "d" * 32
+OTHER_DOC = "e" * 32
+JOB = "a" * 32
+NEW_JOB = "b" * 32
+
+
+@pytest.fixture(params=["lancedb", "pgvector"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[VectorIndex, VectorIndex]]:
+    """Two handles on one index, as the index stage and a gateway hold it (each implementation
+    in turn, empty)."""
+    if request.param == "lancedb":
+        yield LanceIndex(tmp_path / "index"), LanceIndex(tmp_path / "index")
+        return
+    postgres: PostgresHandle = request.getfixturevalue("postgres")
+    url = postgres.database()
+    stage, gateway = PgVectorIndex(url), PgVectorIndex(url)
+    try:
+        yield stage, gateway
+    finally:
+        stage.close()
+        gateway.close()
+
+
+def doc_batch(chunk_ids: list[str], index: int, count: int, *, job: str = JOB) -> EmbeddedBatch:
+    """Batch `index` of `count` of DOC's version `job`."""
+    return batch([chunk(c) for c in chunk_ids], index=index, count=count, job=job, document=DOC)
+
+
+def assert_gone(index: VectorIndex, *jobs: str) -> None:
+    """Nothing of DOC is stored, searchable, or counted as arrived."""
+    assert index.chunk_ids("default", DOC) == []
+    assert [h for h in index.search("default", at_angle(0), k=50) if h.document_id == DOC] == []
+    assert [index.batches_done("default", DOC, job) for job in jobs] == [0] * len(jobs)
+    assert index.is_deleted("default", DOC)
+
+
+def test_batches_that_arrive_after_a_delete_leave_nothing(
+    pair: tuple[VectorIndex, VectorIndex],
+) -> None:
+    stage, gateway = pair
+    assert not stage.is_deleted("default", DOC)
+    write(stage, [doc_batch(["c0", "c1"], 0, 3)])
+    gateway.delete_document("default", DOC)
+    # The late batches share a write with another document's, which is kept.
+    other = batch([chunk("o0")], job=JOB, document=OTHER_DOC)
+    write(stage, [doc_batch(["c2"], 1, 3), other])
+    write(stage, [doc_batch(["c3"], 2, 3)])
+    write(stage, [doc_batch(["c0", "c1"], 0, 3)])  # and the first one, redelivered
+    assert_gone(stage, JOB)
+    assert_gone(gateway, JOB)
+    assert stage.chunk_ids("default", OTHER_DOC) == ["o0"]
+    assert not stage.is_deleted("default", OTHER_DOC)
+    # The tombstone is per collection: the same id elsewhere is another document.
+    stage.upsert("other", [batch([chunk("x0")], job=JOB, document=DOC, collection="other")])
+    assert stage.chunk_ids("other", DOC) == ["x0"]
+
+
+def test_a_document_deleted_before_any_batch_arrived_is_never_stored(
+    pair: tuple[VectorIndex, VectorIndex],
+) -> None:
+    stage, gateway = pair
+    gateway.delete_document("default", DOC)  # no chunks table, no ledger yet
+    gateway.delete_document("default", DOC)  # deleting again is harmless
+    write(stage, [doc_batch(["c0"], 0, 2), doc_batch(["c1"], 1, 2)])
+    assert_gone(stage, JOB)
+
+
+def test_a_new_version_of_a_deleted_document_does_not_bring_it_back(
+    pair: tuple[VectorIndex, VectorIndex],
+) -> None:
+    stage, gateway = pair
+    write(stage, [doc_batch(["old0"], 0, 1)])
+    write(stage, [doc_batch(["new0"], 0, 2, job=NEW_JOB)])
+    gateway.delete_document("default", DOC)
+    # The new version's last batch: once "every batch is in" it would swap versions.
+    write(stage, [doc_batch(["new1"], 1, 2, job=NEW_JOB)])
+    stage.remove_other_versions("default", DOC, NEW_JOB)
+    assert_gone(stage, JOB, NEW_JOB)
+
+
+def test_lance_a_delete_between_a_writes_look_and_its_chunks_still_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LanceDB has no transaction across tables: the whole delete (tombstone, then chunks)
+    # lands after the write looked for a tombstone and before its chunks are committed, so
+    # the delete finds nothing to remove; the write's look after its commit must.
+    stage, gateway = LanceIndex(tmp_path / "index"), LanceIndex(tmp_path / "index")
+    stage.upsert("default", [doc_batch(["c0"], 0, 2)])
+    looked = stage._deleted
+
+    def then_deleted(collection: str, documents: set[str]) -> set[str]:
+        found = looked(collection, documents)
+        if not gateway.is_deleted("default", DOC):
+            gateway.delete_document("default", DOC)
+        return found
+
+    monkeypatch.setattr(stage, "_deleted", then_deleted)
+    stage.upsert("default", [doc_batch(["c1"], 1, 2)])
+    assert_gone(stage, JOB)
+    assert_gone(gateway, JOB)
+
+
+def _waiting_on_advisory_locks(url: str, deadline_s: float = 30.0) -> None:
+    """Return once a session of the database waits for an advisory lock (or fail)."""
+    deadline = time.monotonic() + deadline_s
+    with psycopg.connect(url, autocommit=True) as db:
+        while time.monotonic() < deadline:
+            waiting = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.02)
+    raise AssertionError("nobody waited for the document's lock")
+
+
+def test_pg_a_delete_waits_for_a_write_under_way_then_removes_it(
+    postgres: PostgresHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres.database()
+    stage, gateway = PgVectorIndex(url), PgVectorIndex(url)
+    try:
+        # The write has looked for a tombstone (none) and is storing its chunks when the
+        # delete begins: under READ COMMITTED the delete would not see them, and they would
+        # commit after it. It waits for the write's transaction, then sees them.
+        stored = stage._write
+        deleting: list[threading.Thread] = []
+
+        def delete_meanwhile(cur: psycopg.Cursor[Any], rows: Any, arrived: Any) -> None:
+            deleter = threading.Thread(target=gateway.delete_document, args=("default", DOC))
+            deleter.start()
+            deleting.append(deleter)
+            _waiting_on_advisory_locks(url)
+            stored(cur, rows, arrived)
+
+        monkeypatch.setattr(stage, "_write", delete_meanwhile)
+        stage.upsert("default", [doc_batch(["c0", "c1"], 0, 1)])
+        deleting[0].join(timeout=30)
+        assert not deleting[0].is_alive()
+        assert_gone(stage, JOB)
+    finally:
+        stage.close()
+        gateway.close()
+
+
+def test_pg_a_write_waits_for_a_delete_under_way_then_drops_its_batch(
+    postgres: PostgresHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages.backends import pg_index
+
+    url = postgres.database()
+    stage, gateway = PgVectorIndex(url), PgVectorIndex(url)
+    try:
+        # The delete holds its lock, tombstone not yet committed, when a batch arrives: the
+        # write waits for it, then finds the tombstone.
+        lock = pg_index._lock_documents
+        writing: list[threading.Thread] = []
+
+        def write_meanwhile(
+            cur: psycopg.Cursor[Any], collection: str, documents: set[str], *, shared: bool
+        ) -> None:
+            lock(cur, collection, documents, shared=shared)
+            if not shared and not writing:
+                batches = [doc_batch(["c0"], 0, 1)]
+                writer = threading.Thread(target=stage.upsert, args=("default", batches))
+                writer.start()
+                writing.append(writer)
+                _waiting_on_advisory_locks(url)
+
+        monkeypatch.setattr(pg_index, "_lock_documents", write_meanwhile)
+        gateway.delete_document("default", DOC)
+        writing[0].join(timeout=30)
+        assert not writing[0].is_alive()
+        assert_gone(stage, JOB)
+    finally:
+        stage.close()
+        gateway.close()

@@ -10,7 +10,7 @@ import pytest
 from documents import make_docx, make_markdown, make_pdf
 from tokenizers import Tokenizer
 
-from contracts.errors import Permanent
+from contracts.errors import Permanent, Transient
 from contracts.media import DOCX, MARKDOWN, PDF
 from contracts.messages import (
     Chunk,
@@ -192,3 +192,32 @@ async def test_a_batch_and_its_redelivery_in_one_write_store_each_chunk_once(
     (batch,) = await embed.handle(_batch(["once", "only"]), embed_ctx)
     await asyncio.gather(index.handle(batch, ctx), index.handle(batch, ctx))
     assert sorted(lance.chunk_ids("default", "d1")) == ["c0-0", "c0-1"]
+
+
+async def test_parse_and_chunk_drop_a_document_deleted_before_its_blob_was_read(
+    settings: Settings,
+) -> None:
+    # DELETE removes the blobs while messages of the document are still queued: a stage that
+    # then finds its blob gone ends the message instead of retrying until it is dead-lettered.
+    deleted = {**ENVELOPE, "document_id": "d" * 32, "job_id": "a" * 32}
+    live = {**ENVELOPE, "document_id": "e" * 32, "job_id": "b" * 32}
+    LanceIndex(settings.index_dir).delete_document("default", deleted["document_id"])
+    gone = "f" * 64  # the sha256 of no stored blob
+
+    ctx = await parse.startup(settings)
+    try:
+        uploaded = {"blob_sha256": gone, "content_type": MARKDOWN, "size_bytes": 10}
+        assert await parse.handle(DocumentUploaded(**deleted, **uploaded), ctx) == []
+        # A blob missing for a live document may still be on its way: retried, as before.
+        with pytest.raises(Transient) as raised:
+            await parse.handle(DocumentUploaded(**live, **uploaded), ctx)
+        assert raised.value.code == "blob_missing"
+    finally:
+        await parse.STAGE.shutdown(ctx)
+
+    ctx_chunk = await chunk.startup(settings)
+    parsed = {"blob_sha256": gone, "parsed_sha256": gone}
+    assert await chunk.handle(DocumentParsed(**deleted, **parsed), ctx_chunk) == []
+    with pytest.raises(Transient) as raised:
+        await chunk.handle(DocumentParsed(**live, **parsed), ctx_chunk)
+    assert raised.value.code == "blob_missing"

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from contracts.errors import Transient
 from contracts.events import JobEvent
+from gateway.http.api_responses import KEYED, EventStream, errors, event_stream, json_answer
 from gateway.http.errors import ApiError
 from gateway.http.schemas import Job, JobPage, JobStatus
 from gateway.http.services import Access, AccessDep, ServicesDep, require_api_key
@@ -18,9 +19,11 @@ from gateway.http.uploads import RETRY_AFTER_S, publish_upload
 from gateway.store.states import TERMINAL
 from stages.infra import dead_letter_queue as dlq
 
-router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_api_key)], responses=KEYED)
 _KEEPALIVE_S = 15.0
 _RECHECK_S = 2.0
+# A job store that does not answer (PostgreSQL away): errors.py answers 503.
+_UNAVAILABLE = "job_store_unavailable"
 
 
 async def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job:
@@ -31,13 +34,22 @@ async def _job_or_404(services: ServicesDep, access: Access, job_id: str) -> Job
     return job
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=errors({404: "job_not_found", 503: _UNAVAILABLE}))
 async def get_job(services: ServicesDep, access: AccessDep, job_id: str) -> Job:
     """One job's status, progress and stage timings."""
     return await _job_or_404(services, access, job_id)
 
 
-@router.get("")
+@router.get(
+    "",
+    responses=errors(
+        {
+            400: ["invalid_status", "invalid_cursor"],
+            403: "collection_forbidden",
+            503: _UNAVAILABLE,
+        }
+    ),
+)
 async def list_jobs(
     services: ServicesDep,
     access: AccessDep,
@@ -70,7 +82,19 @@ async def list_jobs(
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=EventStream,
+    responses={
+        **event_stream(
+            "status",
+            Job,
+            "`event: status` with the job JSON at connect and on every change, `: keepalive` "
+            "comments while it is quiet; the stream ends after `indexed` or `failed`.",
+        ),
+        **errors({404: "job_not_found", 503: _UNAVAILABLE}),
+    },
+)
 async def job_events(
     services: ServicesDep, access: AccessDep, job_id: str, request: Request
 ) -> StreamingResponse:
@@ -104,12 +128,32 @@ async def job_events(
     )
 
 
-@router.post("/{job_id}/retry", status_code=202)
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    responses={
+        **json_answer(202, Job, "The job, reopened: it resumes from the stage that failed."),
+        **errors(
+            {
+                404: "job_not_found",
+                409: ["job_not_failed", "document_deleted"],
+                503: "broker_unavailable",
+            }
+        ),
+    },
+)
 async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONResponse:
     """Resume a failed job from the stage that failed (its dead letters), else from the start."""
     job = await _job_or_404(services, access, job_id)
     if job.status != "failed" or job.error is None:
         raise ApiError(409, "job_not_failed", f"Job {job_id} is {job.status}, not failed.")
+    if await asyncio.to_thread(services.store.document_collection, job.document_id) is None:
+        # Its work would only be dropped (the index keeps the document's tombstone).
+        raise ApiError(
+            409,
+            "document_deleted",
+            f"Job {job_id}'s document {job.document_id} was deleted; upload the file again.",
+        )
     if not services.broker.is_connected:
         raise ApiError(
             503,
