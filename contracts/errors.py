@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SluiceError(Exception):
     """Root of every error Sluice raises on purpose; `code` is stable and machine-readable."""
@@ -29,3 +31,22 @@ class Transient(SluiceError):
     """A dependency is briefly unavailable: the runtime retries the message later, with backoff."""
 
     code = "temporarily_unavailable"
+
+
+class StorageFull(Transient):
+    """A disk (or quota) Sluice writes to is full: no fault of the message, so it waits for
+    space as long as that takes, and the runtime retries it without spending an attempt."""
+
+    code = "storage_full"
+
+
+# How "no space" reads in an error of a Rust library (LanceDB): std::io::Error's own format.
+_RUST_DISK_FULL = tuple(f"(os error {n})" for n in (errno.ENOSPC, errno.EDQUOT))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk or the user's quota is full (ENOSPC, EDQUOT), whether
+    Python raised it or a native library wrapped the OS error in its own exception."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(marker in str(exc) for marker in _RUST_DISK_FULL)

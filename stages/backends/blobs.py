@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from contracts.errors import Transient
+from contracts.errors import StorageFull, Transient, is_disk_full
 
 
 class LocalBlobStore:
@@ -55,24 +55,59 @@ class LocalBlobStore:
         """Store bytes, return their sha256; storing the same bytes twice is a no-op."""
         sha256 = hashlib.sha256(data).hexdigest()
         if not self.exists(sha256):
-            fd, name = tempfile.mkstemp(dir=self._staging)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            self.adopt(Path(name), sha256)
+            with self._full_disk_is_transient(sha256), self._temporary() as temporary:
+                temporary.write_bytes(data)
+                os.replace(temporary, self._parent_of(sha256) / sha256)
         return sha256
 
     def adopt(self, staged: Path, sha256: str) -> None:
-        """Move a fully written temporary file into the store under its sha256."""
-        target = self._path(sha256)
-        target.parent.mkdir(exist_ok=True)
-        if staged.parent != self._staging:
-            # Another filesystem, maybe: copy next to the target first, so the rename below
-            # stays atomic and readers never see a half-written blob.
-            fd, name = tempfile.mkstemp(dir=self._staging)
-            os.close(fd)
-            shutil.move(staged, name)
-            staged = Path(name)
-        os.replace(staged, target)
+        """Move a fully written temporary file into the store under its sha256.
+
+        On a full disk (`StorageFull`) nothing is stored under the sha256, and `staged` is
+        still there for the caller to retry with or remove.
+        """
+        with self._full_disk_is_transient(sha256):
+            target = self._parent_of(sha256) / sha256
+            if staged.parent == self._staging:
+                os.replace(staged, target)
+                return
+            # Another filesystem, maybe: move it next to the target first (a copy, if it must
+            # be), so the rename below stays atomic and readers never see a half-written blob.
+            with self._temporary() as temporary:
+                shutil.move(staged, temporary)
+                os.replace(temporary, target)
+
+    def _parent_of(self, sha256: str) -> Path:
+        """The directory a blob goes in, made if it is not there yet."""
+        parent = self._path(sha256).parent
+        parent.mkdir(exist_ok=True)
+        return parent
+
+    @contextmanager
+    def _temporary(self) -> Iterator[Path]:
+        """A new file in the staging directory, removed at the end unless it was moved on:
+        a write a full disk cut short leaves nothing behind."""
+        fd, name = tempfile.mkstemp(dir=self._staging)
+        os.close(fd)
+        temporary = Path(name)
+        try:
+            yield temporary
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    @contextmanager
+    def _full_disk_is_transient(self, sha256: str) -> Iterator[None]:
+        """ENOSPC and EDQUOT as `StorageFull`, which the runtime retries until space returns."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise StorageFull(
+                f"the blob store at {self._root} has no space left for blob {sha256} "
+                f"({exc.strerror}); free space on its disk: the work waits, and is retried "
+                "until it fits",
+            ) from exc
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""

@@ -29,7 +29,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from contracts.errors import SluiceError, Transient
+from contracts.errors import SluiceError, StorageFull, Transient, is_disk_full
 
 MiB = 1024 * 1024
 
@@ -121,11 +121,27 @@ class S3BlobStore:
         os.close(fd)
         path = Path(name)
         try:
-            with self._translated(sha256):
+            with self._translated(sha256), self._local_disk_full_is_transient(sha256):
                 self._client.download_file(self.bucket, key, name, Config=TRANSFER)
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+    @contextmanager
+    def _local_disk_full_is_transient(self, sha256: str) -> Iterator[None]:
+        """A full cache disk (this machine's, not the bucket) as `StorageFull`, retried until
+        there is space. S3 has no standard answer for a full bucket: what a store answers
+        then stays `blob_store_unavailable`, retried like any outage."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise StorageFull(
+                f"the blob cache at {self._cache_dir} has no space left for a copy of blob "
+                f"{sha256} ({exc.strerror}); free space on its disk (SLUICE_DATA_DIR): the "
+                "work waits, and is retried until it fits"
+            ) from exc
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from tenacity import wait_none
 
 from contracts import pipeline, routing
-from contracts.errors import Permanent, Transient
+from contracts.errors import Permanent, StorageFull, Transient
 from contracts.events import JobEvent
 from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, EmbeddedChunk, Message
 from contracts.settings import Settings
@@ -570,3 +570,25 @@ async def test_tracing_names_and_annotates_the_consumer_span(
     assert attributes["sluice.job_id"] == "job1"
     assert (attributes["sluice.batch_index"], attributes["sluice.batch_count"]) == (1, 2)
     assert span.status.status_code == (StatusCode.ERROR if fails else StatusCode.UNSET)
+
+
+@pytest.mark.parametrize("attempt", [1, MAX_ATTEMPTS, MAX_ATTEMPTS + 3])
+async def test_a_full_disk_waits_in_the_last_tier_and_is_never_dead_lettered(attempt: int) -> None:
+    full = StorageFull("the index at /data/index has no space left to write collection 'c'")
+    h = harness(raises(full))
+    outcome, delivery = await h.deliver(batch(), {ATTEMPT_HEADER: attempt})
+    assert isinstance(outcome, Retry) and not outcome.spend_attempt
+    # However often it comes back, it spends no attempt: once there is space, it goes on.
+    parked = h.only(retry_queue(TIERS[-1]))
+    assert parked.headers[ATTEMPT_HEADER] == attempt
+    assert h.broker.messages(DEAD) == []
+    assert delivery.acked
+    # The job still shows why it waits.
+    (event,) = h.events()
+    assert (event.kind, event.attempt) == ("retrying", attempt)
+    assert event.error is not None
+    assert (event.error.code, event.error.message, event.error.retryable) == (
+        "storage_full",
+        str(full),
+        True,
+    )
