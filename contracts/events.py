@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from contracts import routing
 from contracts.messages import (
+    MAX_COUNT,
     SCHEMA_VERSION,
     ChunkBatch,
     DocumentParsed,
+    Id,
     Message,
+    Sha256,
     StageName,
 )
 
@@ -45,20 +48,29 @@ class JobEvent(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1] = SCHEMA_VERSION
-    job_id: str
-    document_id: str
+    job_id: Id
+    document_id: Id
     stage: StageField
     kind: EventKind
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     attempt: int = Field(1, ge=1)
-    batch_index: int = Field(0, ge=0)
-    batch_count: int = Field(1, ge=1)
-    chunks: int = Field(0, ge=0)
-    pages: int | None = None
-    chunks_total: int | None = None
-    parsed_sha256: str | None = None
-    language: str | None = None
+    batch_index: int = Field(0, ge=0, lt=MAX_COUNT)
+    batch_count: int = Field(1, ge=1, le=MAX_COUNT)
+    chunks: int = Field(0, ge=0, le=MAX_COUNT)
+    pages: int | None = Field(None, ge=0, le=MAX_COUNT)
+    chunks_total: int | None = Field(None, ge=0, le=MAX_COUNT)
+    # The parsed text's blob: the gateway deletes it with the document, so never a path.
+    parsed_sha256: Sha256 | None = None
+    language: str | None = Field(None, pattern=r"^[a-z]{2,3}$")
     error: JobError | None = None
+
+    @model_validator(mode="after")
+    def _within_its_batches(self) -> Self:
+        if self.batch_index >= self.batch_count:
+            raise ValueError(
+                f"batch_index {self.batch_index} is not below batch_count {self.batch_count}"
+            )
+        return self
 
     @property
     def routing_key(self) -> str:

@@ -7,9 +7,9 @@ messages carry their sha256 (claim-check). Chunk batches and their vectors ride 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from contracts.routing import INTERACTIVE, Lane
 
@@ -17,7 +17,28 @@ SCHEMA_VERSION: Literal[1] = 1
 # A stage's name: the built-in ones or a plug-in's (contracts/pipeline.py declares them).
 StageName = str
 COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-Sha256 = str
+# Every field is checked on the way in, whoever signed the message: what a consumer reads
+# ends up in paths (blob names), queries and the job store.
+# Job and document ids: the gateway makes 32 hex digits (`uuid4().hex`; a new version of a
+# document keeps its id). Accepted: any short token of a-z, 0-9, `_` and `-`, so an id is
+# never a path, a quote or a wildcard, and test doubles may name jobs `j1`.
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+# A blob's name in the blob store: the sha256 of its bytes, in lowercase hex.
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+# The chunk stage's chunk ids are 32 hex digits (`chunk_id` below); a plug-in stage may add
+# chunks with ids of its own, so any short token of letters, digits and `._:-`.
+ChunkId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# What the gateway keeps of a client's filename (gateway/http/uploads.py `display_name`).
+FILENAME_MAX_CHARS = 255
+# Bounds far beyond any real document (pages, chunks, batches), so no count is absurd.
+MAX_COUNT = 10_000_000
+MAX_UPLOAD_SIZE_BYTES = 2**40
+# A media type as the gateway names one (contracts/media.py), parameters and all.
+MEDIA_TYPE_PATTERN = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+=; -]{0,254}$"
+# One end of one job: `<job_id>.<round>` (gateway/http/webhook_dispatch.py).
+DELIVERY_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\.[0-9]{1,9}$"
 
 
 class Message(BaseModel):
@@ -26,10 +47,10 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1] = SCHEMA_VERSION
-    job_id: str
-    document_id: str
+    job_id: Id
+    document_id: Id
     collection: str = Field(pattern=COLLECTION_PATTERN)
-    filename: str
+    filename: str = Field(min_length=1, max_length=FILENAME_MAX_CHARS)
     # The lane the job's work travels in, at every stage (contracts/routing.py).
     priority: Lane = INTERACTIVE
 
@@ -52,8 +73,8 @@ class DocumentUploaded(Message):
     """An upload accepted by the gateway; its bytes are in the blob store."""
 
     blob_sha256: Sha256
-    content_type: str
-    size_bytes: int = Field(ge=1)
+    content_type: str = Field(pattern=MEDIA_TYPE_PATTERN)
+    size_bytes: int = Field(ge=1, le=MAX_UPLOAD_SIZE_BYTES)
 
 
 class DocumentParsed(Message):
@@ -61,7 +82,7 @@ class DocumentParsed(Message):
 
     blob_sha256: Sha256
     parsed_sha256: Sha256
-    pages: int | None = None
+    pages: int | None = Field(None, ge=0, le=MAX_COUNT)
 
 
 class Chunk(BaseModel):
@@ -69,10 +90,10 @@ class Chunk(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    chunk_id: str
-    chunk_index: int = Field(ge=0)
+    chunk_id: ChunkId
+    chunk_index: int = Field(ge=0, le=MAX_COUNT)
     text: str
-    page: int | None = None
+    page: int | None = Field(None, ge=0, le=MAX_COUNT)
     heading: str | None = None
     # Set by the optional enrich stage: the chunk's key phrases, best first.
     keywords: list[str] | None = None
@@ -93,11 +114,19 @@ class _Batch(Message):
     `chunks_total` is what the chunk stage made, for progress; it is not a completion count.
     """
 
-    batch_index: int = Field(ge=0)
-    batch_count: int = Field(ge=1)
-    chunks_total: int = Field(ge=1)
+    batch_index: int = Field(ge=0, lt=MAX_COUNT)
+    batch_count: int = Field(ge=1, le=MAX_COUNT)
+    chunks_total: int = Field(ge=1, le=MAX_COUNT)
     # The document's language (ISO 639-1), once the optional enrich stage detected it.
     language: str | None = Field(None, pattern=r"^[a-z]{2,3}$")
+
+    @model_validator(mode="after")
+    def _within_its_batches(self) -> Self:
+        if self.batch_index >= self.batch_count:
+            raise ValueError(
+                f"batch_index {self.batch_index} is not below batch_count {self.batch_count}"
+            )
+        return self
 
     def unit(self) -> tuple[int, int, int]:
         """(batch index, batch count, chunks) of this message within its document's work."""
@@ -124,7 +153,7 @@ class WebhookRequest(Message):
     # The job as `GET /v1/jobs/{id}` answered when it ended.
     job: dict[str, object]
     # Which end of the job this is (a retried job ends again): receivers dedupe on it.
-    delivery_id: str
+    delivery_id: str = Field(pattern=DELIVERY_ID_PATTERN)
 
 
 class Section(BaseModel):

@@ -147,6 +147,17 @@ class PipelineMonitor:
         return self.health.in_hand_jobs()
 
     async def _on_heartbeat(self, delivery: AbstractIncomingMessage) -> None:
+        # Signed for their own routing key (`worker.<stage>`), which they keep here.
+        if not self.broker.signer.verify_headers(
+            delivery.routing_key or "", delivery.body, delivery.headers
+        ):
+            log.warning(
+                "dropping a worker heartbeat (%r) not signed with this deployment's message "
+                "secret; if a Sluice process sent it, give every process the same "
+                "SLUICE_MESSAGE_SECRET",
+                delivery.routing_key,
+            )
+            return
         try:
             beat = WorkerHeartbeat.model_validate_json(delivery.body)
         except ValidationError as exc:

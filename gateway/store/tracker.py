@@ -1,4 +1,6 @@
-"""The tracker: folds `job.*` events from every stage into the job store."""
+"""The tracker: folds `job.*` events from every stage into the job store; only events signed
+with the deployment's message secret (contracts/message_signature.py), so no other publisher
+on the broker can move a job or point its record at a blob."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pydantic import ValidationError
 from contracts import routing
 from contracts.errors import Transient
 from contracts.events import JobEvent
+from contracts.message_signature import MessageSigner
 from gateway.http.services import JobChanges
 from gateway.store.base import JobStore
 from stages.infra.broker import Broker, declare_queue
@@ -100,7 +103,8 @@ class Tracker:
                 log.exception("could not record %d job events", len(deliveries))
 
     async def _fold(self, deliveries: list[AbstractIncomingMessage]) -> None:
-        events = [event for delivery in deliveries if (event := _parse(delivery)) is not None]
+        signer = self.broker.signer
+        events = [e for delivery in deliveries if (e := _parse(delivery, signer)) is not None]
         changed = await asyncio.to_thread(self.store.apply_all, events)
         if self.on_job_end is not None and _may_end(
             events, self.broker.settings.pipeline.last.name
@@ -121,7 +125,15 @@ class Tracker:
                 await delivery.ack()
 
 
-def _parse(delivery: AbstractIncomingMessage) -> JobEvent | None:
+def _parse(delivery: AbstractIncomingMessage, signer: MessageSigner) -> JobEvent | None:
+    # Events are signed for their own routing key (`job.<stage>.<kind>`), which they keep here.
+    if not signer.verify_headers(delivery.routing_key or "", delivery.body, delivery.headers):
+        log.error(
+            "dropping a job event (%r) not signed with this deployment's message secret; if a "
+            "Sluice process sent it, give every process the same SLUICE_MESSAGE_SECRET",
+            delivery.routing_key,
+        )
+        return None
     try:
         return JobEvent.model_validate_json(delivery.body)
     except ValidationError as exc:

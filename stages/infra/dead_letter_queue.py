@@ -3,7 +3,8 @@
 Dead letters are taken with basic.get and held unacked while the queue is scanned, so each
 is seen once; those not replayed go back to the queue when the scanning channel closes. A
 replayed letter goes back to its stage in its own lane: the one its body's `priority` names,
-else the one its routing key ends in (`doc.chunked.bulk`), else interactive.
+else the one its routing key ends in (`doc.chunked.bulk`), else interactive. It keeps the
+signature it had (contracts/message_signature.py): replay never vouches for a message.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aio_pika.exceptions import AMQPError
 
 from contracts import routing
 from contracts.errors import Transient
+from contracts.message_signature import SIGNATURE_HEADER
 from contracts.messages import StageName
 from contracts.pipeline import Pipeline
 from contracts.routing import BULK, INTERACTIVE, LANES, Lane
@@ -90,17 +92,23 @@ async def replay_each(
     """Send each dead letter `where` accepts back to the stage it failed in; yield it once sent."""
     ns = broker.settings.namespace
     async with _dead_letter_queue(broker) as queue:
-        for _ in range(_SCAN_LIMIT):
+        # Only the letters there now: one that fails again at once (an unsigned one is
+        # refused unread) comes back behind them, for the next replay, not round again.
+        present = queue.declaration_result.message_count or 0
+        for _ in range(min(present, _SCAN_LIMIT)):
             delivery = await queue.get(no_ack=False, fail=False)
             if delivery is None:
                 break
             letter = describe(delivery, broker.settings.pipeline)
             if letter.stage is None or not where(letter):
                 continue
+            # The signature goes back as it came, never made anew: a letter that was not
+            # signed by a Sluice process (`unauthenticated_message`) stays untrusted.
             headers = {
                 k: v
                 for k, v in (delivery.headers or {}).items()
-                if not k.startswith("x-sluice-") and k not in ("x-death", "x-delivery-count")
+                if (k == SIGNATURE_HEADER or not k.startswith("x-sluice-"))
+                and k not in ("x-death", "x-delivery-count")
             }
             # The replay runs in the replaying request's trace, linked to the original one.
             with tracing.tracer.start_as_current_span(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from contracts import routing
 from contracts.errors import Transient
+from contracts.message_signature import SIGNATURE_HEADER, MessageSigner
 from contracts.settings import Settings
 from contracts.topology import QueueSpec, Topology, topology
 from stages.infra.broker import message_id, publish_key, routing_key_for
@@ -142,6 +144,8 @@ class MemoryBroker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topology: Topology = topology(settings)
+        # Signs as the real broker does; a secret of its own unless the settings name one.
+        self.signer = MessageSigner(settings.message_secret or secrets.token_hex(16))
         self.queues: dict[str, deque[_Queued]] = {q.name: deque() for q in self.topology.queues}
         # Every confirmed publish, and every publish, ack and nack in the order they happened.
         self.published: list[Published] = []
@@ -176,13 +180,15 @@ class MemoryBroker:
         headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish to the main exchange, as the real broker names and addresses it (a message
-        to its lane's key while lanes are on)."""
+        to its lane's key while lanes are on), signed."""
+        body = model.model_dump_json().encode()
+        topic = routing_key_for(model, routing_key)
         await self.publish_raw(
             routing.exchange(self.settings.namespace),
             publish_key(self.settings, model, routing_key),
-            model.model_dump_json().encode(),
-            headers=headers,
-            message_id=message_id(model, routing_key_for(model, routing_key)),
+            body,
+            headers={**(headers or {}), SIGNATURE_HEADER: self.signer.sign(topic, body)},
+            message_id=message_id(model, topic),
             type_=type(model).__name__,
         )
 
@@ -227,9 +233,15 @@ class MemoryBroker:
         headers: Mapping[str, Any] | None = None,
         routing_key: str = "",
         message_id: str | None = None,
+        signed: bool = True,
     ) -> None:
-        """Put bytes straight into `queue`, as if they had been routed there."""
-        message = Published("", routing_key or queue, body, dict(headers or {}), message_id)
+        """Put bytes straight into `queue`, as if they had been routed there: `signed` as a
+        Sluice process publishes them (for `routing_key`'s topic), else as anyone else does."""
+        kept = dict(headers or {})
+        if signed:
+            topic = (routing_key or queue).removesuffix(f".{routing.BULK}")
+            kept.setdefault(SIGNATURE_HEADER, self.signer.sign(topic, body))
+        message = Published("", routing_key or queue, body, kept, message_id)
         self.queues[queue].append(_Queued(message, routing_key or queue))
 
     def take(self, queue: str) -> MemoryDelivery:

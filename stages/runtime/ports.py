@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from contracts.message_signature import MessageSigner
 from contracts.settings import Settings
 from contracts.topology import Topology
 
@@ -77,6 +78,11 @@ class BrokerPort(Protocol):
     @property
     def topology(self) -> Topology:
         """Every exchange, queue and binding of this namespace."""
+        ...
+
+    @property
+    def signer(self) -> MessageSigner:
+        """What `publish` signs with and what consumers check deliveries against."""
         ...
 
     async def publish(

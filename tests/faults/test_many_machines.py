@@ -46,6 +46,8 @@ def scale_out(
             "SLUICE_JOB_STORE_URL": database,
             "SLUICE_INDEX_URL": database,
             "SLUICE_BLOB_STORE_URL": f"s3://{s3.bucket()}/blobs",
+            # No disk is shared: every process must be given the one message secret.
+            "SLUICE_MESSAGE_SECRET": "many-machines-message-secret",
             **s3.env(),
             **settings,
         },

@@ -5,6 +5,7 @@ job for the republisher, and a held job is answered 202 only while there is a br
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def bulk(job_id: str, collection: str) -> NewJob:
         "a.md",
         "text/markdown",
         1,
-        f"sha-{job_id}",
+        hashlib.sha256(job_id.encode()).hexdigest(),
         priority="bulk",
     )
 

@@ -259,3 +259,10 @@ def test_the_webhook_stage_runs_with_one_secret_for_every_replica() -> None:
     settings = _settings(_profile()[running[0]])
     assert settings.webhook_secret, "scale-out webhook replicas need SLUICE_WEBHOOK_SECRET"
     assert _env(_profile()[running[0]])["OTEL_SERVICE_NAME"] == "sluice-webhook"
+
+
+def test_every_process_signs_messages_with_one_secret() -> None:
+    """With no disk shared, processes cannot agree on a message secret kept in a file: every
+    gateway and stage of the profile is given the same SLUICE_MESSAGE_SECRET."""
+    secrets = {_settings(service).message_secret for service in _sluice().values()}
+    assert len(secrets) == 1 and None not in secrets, secrets

@@ -598,6 +598,8 @@ def test_the_secret_is_a_template() -> None:
         "SLUICE_API_KEYS",
         # Pods share no disk: every webhook replica must sign with the one secret.
         "SLUICE_WEBHOOK_SECRET",
+        # ... and every process must sign and check messages with the one secret.
+        "SLUICE_MESSAGE_SECRET",
     }
     assert values.keys() == needed, values.keys() ^ needed
     for key, value in values.items():
@@ -660,3 +662,12 @@ def test_webhook_pods_sign_with_the_secret_from_the_secret() -> None:
     assert _settings(container).webhook_secret
     (gateway,) = _containers(_gateway())
     assert _settings(container).webhook_allow_private == _settings(gateway).webhook_allow_private
+
+
+def test_every_sluice_pod_signs_messages_with_the_secret_from_the_secret() -> None:
+    """Messages between Sluice processes are signed with SLUICE_MESSAGE_SECRET and checked by
+    every consumer; pods share no disk to keep a made-up one in, so every gateway and stage
+    pod gets it from the one Secret."""
+    containers = [_containers(d)[0] for d in (_gateway(), *_stage_deployments().values())]
+    secrets = {_settings(container).message_secret for container in containers}
+    assert secrets == {_secret_values()["SLUICE_MESSAGE_SECRET"]}, secrets
