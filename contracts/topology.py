@@ -22,6 +22,9 @@ STAGE_HEADER = "x-sluice-stage"
 ERROR_CODE_HEADER = "x-sluice-error-code"
 ERROR_HEADER = "x-sluice-error"
 JOB_HEADER = "x-sluice-job-id"
+# How often a replicated dead letter may be handed back by `sluice dlq` scans before
+# RabbitMQ drops it (a quorum queue counts each; 4.x has no "unlimited" that 3.10 knows).
+DEAD_LETTER_SCANS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class QueueArguments:
     max_length: int | None = None
     overflow: Literal["reject-publish", "drop-head"] | None = None
     message_ttl_ms: int | None = None
+    # Quorum queues only: how many nodes hold a replica, and whether a dead letter is kept
+    # until its target queue confirmed it (at-least-once) rather than sent once and forgotten.
+    quorum_initial_group_size: int | None = None
+    dead_letter_strategy: Literal["at-most-once", "at-least-once"] | None = None
 
     def as_amqp(self) -> dict[str, str | int]:
         """The arguments as RabbitMQ reads them (`x-delivery-limit`, ...)."""
@@ -87,6 +94,11 @@ def topology(settings: Settings) -> Topology:
     ns = settings.namespace
     main = routing.exchange(ns)
     dlx = routing.dead_letter_exchange(ns)
+    # Set on a cluster: every durable queue gets this many replicas (README "A RabbitMQ
+    # cluster"). Unset, the arguments stay as they always were, so queues that already exist
+    # on one node are redeclared as they are.
+    replicas = settings.quorum_initial_group_size
+    at_least_once: Literal["at-least-once"] | None = "at-least-once" if replicas else None
     queues: list[QueueSpec] = []
     for spec in settings.pipeline.processes:
         tuned = settings.stage(spec.name)
@@ -103,6 +115,8 @@ def topology(settings: Settings) -> Topology:
                         dead_letter_exchange=dlx,
                         max_length=settings.queue_max_length,
                         overflow="reject-publish",
+                        quorum_initial_group_size=replicas,
+                        dead_letter_strategy=at_least_once,
                     ),
                     exchange=main,
                     binding_keys=(routing.lane_key(spec.input_key, lane),),
@@ -114,19 +128,13 @@ def topology(settings: Settings) -> Topology:
                 queues.append(
                     QueueSpec(
                         name=routing.retry_queue(ns, spec.name, delay_s, lane),
-                        arguments=QueueArguments(
-                            message_ttl_ms=delay_s * 1000,
-                            dead_letter_exchange="",
-                            dead_letter_routing_key=stage_queue,
-                        ),
+                        arguments=_retry_tier(delay_s, stage_queue, replicas),
                     )
                 )
     queues.append(
         QueueSpec(
-            # Classic, not quorum: finding one job's dead letters hands the others back, and a
-            # quorum queue would count each hand-back as a delivery (4.x drops at 20 by default).
             name=routing.dead_letter_queue(ns),
-            arguments=QueueArguments(queue_type="classic"),
+            arguments=_dead_letters(replicas),
             exchange=dlx,
             binding_keys=("#",),
         )
@@ -134,7 +142,7 @@ def topology(settings: Settings) -> Topology:
     queues.append(
         QueueSpec(
             name=routing.tracker_queue(ns),
-            arguments=QueueArguments(queue_type="quorum"),
+            arguments=QueueArguments(queue_type="quorum", quorum_initial_group_size=replicas),
             exchange=main,
             binding_keys=(routing.JOB_EVENTS,),
         )
@@ -142,4 +150,40 @@ def topology(settings: Settings) -> Topology:
     return Topology(
         exchanges=(ExchangeSpec(main, "topic"), ExchangeSpec(dlx, "topic")),
         queues=tuple(queues),
+    )
+
+
+def _retry_tier(delay_s: int, stage_queue: str, replicas: int | None) -> QueueArguments:
+    """A retry tier: classic on one node; on a cluster a quorum queue (message TTLs need
+    RabbitMQ 3.10) that hands its messages back at least once, so none is lost in a failover."""
+    if replicas is None:
+        return QueueArguments(
+            message_ttl_ms=delay_s * 1000,
+            dead_letter_exchange="",
+            dead_letter_routing_key=stage_queue,
+        )
+    return QueueArguments(
+        queue_type="quorum",
+        quorum_initial_group_size=replicas,
+        message_ttl_ms=delay_s * 1000,
+        dead_letter_exchange="",
+        dead_letter_routing_key=stage_queue,
+        dead_letter_strategy="at-least-once",
+        # At-least-once dead-lettering needs it; a retry tier has no length limit to reach.
+        overflow="reject-publish",
+    )
+
+
+def _dead_letters(replicas: int | None) -> QueueArguments:
+    """The dead-letter queue: classic on one node; on a cluster a quorum queue."""
+    if replicas is None:
+        # Classic, not quorum: finding one job's dead letters hands the others back, and a
+        # quorum queue would count each hand-back as a delivery (4.x drops at 20 by default).
+        return QueueArguments(queue_type="classic")
+    # A classic queue would live on one node and go with it; the hand-backs are counted, so
+    # the limit is set far beyond any number of scans.
+    return QueueArguments(
+        queue_type="quorum",
+        quorum_initial_group_size=replicas,
+        delivery_limit=DEAD_LETTER_SCANS,
     )

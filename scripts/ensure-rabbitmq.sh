@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 URL="${SLUICE_AMQP_URL:-amqp://guest:guest@localhost:5672/}"
+# Several brokers of one cluster (comma separated): the first is the one to check.
+URL="${URL%%,*}"
 
 # host and port from amqp[s]://user:pass@host:port/vhost
 hostport="${URL#*://}"

@@ -152,13 +152,22 @@ def _tail(path: Path, lines: int = 40) -> str:
 class PrivateBroker:
     """A throwaway RabbitMQ node on free loopback ports, with its data in a temp dir."""
 
-    def __init__(self, *, startup_timeout_s: float = 90.0, user: str = "guest") -> None:
+    def __init__(
+        self,
+        *,
+        startup_timeout_s: float = 90.0,
+        user: str = "guest",
+        cookie: str | None = None,
+        name_prefix: str = "sluice-test",
+    ) -> None:
         self._bin_dir = _find_bin_dir()
         self.startup_timeout_s = startup_timeout_s
-        self.node_name = f"sluice-test-{os.getpid()}-{secrets.token_hex(3)}@localhost"
+        self.node_name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(3)}@localhost"
         amqp, dist, management, prometheus = _pick_ports(4)
         self.ports = BrokerPorts(amqp, dist, management, prometheus)
         self._user = user
+        # Nodes of one cluster must share it (tests/cluster.py); a lone node gets its own.
+        self._cookie = cookie or secrets.token_hex(16).upper()
         self.base_dir = Path(tempfile.mkdtemp(prefix="sluice-broker-"))
         self.log_dir = self.base_dir / "log"
         self._console_log = self.log_dir / "console.log"
@@ -324,7 +333,7 @@ class PrivateBroker:
         # Written before the first start so the node and every rabbitmqctl agree on it; a CLI
         # call racing the node's first boot would otherwise mint a different cookie.
         cookie = self.base_dir / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.write_text(self._cookie)
         cookie.chmod(0o400)
         if self._run_as is not None:
             pw = pwd.getpwnam(self._run_as)

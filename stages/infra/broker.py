@@ -7,8 +7,10 @@ stages/runtime/ports.py) and by the gateway (uploads, the job tracker, retries).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import cached_property
 from typing import Any
 
 import aio_pika
@@ -25,9 +27,13 @@ from aiormq.exceptions import AMQPError
 from contracts import routing
 from contracts.errors import Transient
 from contracts.events import JobEvent, WorkerHeartbeat
+from contracts.message_signature import SIGNATURE_HEADER, MessageSigner
 from contracts.messages import Message
 from contracts.settings import Settings
 from contracts.topology import Topology, topology
+from stages.infra.failover import connect_first
+from stages.infra.queue_room import at_length_limit
+from stages.infra.signing import signer_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,13 @@ class PublishRejected(Transient):
     """The broker refused a message (queue full with `reject-publish`, or unroutable)."""
 
     code = "pipeline_saturated"
+
+
+class QueueUnavailable(PublishRejected):
+    """A queue nacked a message while it has room: it has no leader for the moment (a node of
+    the cluster was lost). A stage waits as for backpressure; an upload is answered 503."""
+
+    code = "broker_unavailable"
 
 
 def routing_key_for(model: Publishable, routing_key: str | None) -> str:
@@ -120,7 +133,18 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
+        # Holds the topology's declarations, which aio-pika declares again after a reconnect;
+        # apart from the publishing channel, which may be swapped for a new one.
+        self._declaring: AbstractChannel | None = None
+        self._renewing = asyncio.Lock()
         self.publish_timeout_s = 10.0
+        # How long a publish waits for a queue without a leader (a node lost) to elect one.
+        self.leader_wait_s = 5.0
+
+    @cached_property
+    def signer(self) -> MessageSigner:
+        """What this process signs its messages with, and checks everyone else's with."""
+        return signer_of(self.settings)
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -141,31 +165,64 @@ class Broker:
         )
 
     async def connect(self, *, wait_s: float = 60.0) -> None:
-        """Connect (waiting up to `wait_s` for the broker to answer) and declare the topology."""
-        deadline = asyncio.get_running_loop().time() + wait_s
-        delay = 0.5
+        """Connect to the first broker of `SLUICE_AMQP_URL` that answers (waiting up to `wait_s`)
+        and declare the topology; a lost node is replaced by the next one of the list.
+
+        Connected only once everything is declared: until then `is_connected` is False (an
+        upload is answered 503, not sent to an exchange not yet there). A node lost while
+        declaring (a cluster's quorum queues take a while) means starting over on the next.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
         while True:
+            connection = await connect_first(
+                self.settings.amqp_urls,
+                wait_s=max(deadline - loop.time(), 0.0),
+                client_properties={"connection_name": "sluice"},
+            )
             try:
-                self._connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url, client_properties={"connection_name": "sluice"}
-                )
+                declaring = await connection.channel()
+                await declare(declaring, self.topology)
+                channel, exchanges = await self._publishing_channel(connection)
                 break
-            except (OSError, AMQPError) as exc:
-                if asyncio.get_running_loop().time() + delay > deadline:
-                    raise Transient(
-                        f"RabbitMQ does not answer at {self.settings.amqp_url}: {exc}. "
-                        "Start it (scripts/ensure-rabbitmq.sh) or set SLUICE_AMQP_URL."
-                    ) from exc
-                log.warning("waiting for RabbitMQ at %s: %s", self.settings.amqp_url, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except (AMQPError, ConnectionError, RuntimeError) as exc:
+                await connection.close()
+                if loop.time() > deadline:
+                    raise Transient(f"declaring Sluice's queues on RabbitMQ failed: {exc}") from exc
+                log.warning("RabbitMQ went away while Sluice's queues were declared: %s", exc)
+        self._connection, self._declaring = connection, declaring
+        self._exchanges, self._channel = exchanges, channel
+
+    async def _publishing_channel(
+        self, connection: AbstractRobustConnection
+    ) -> tuple[AbstractChannel, dict[str, AbstractExchange]]:
+        """A channel with confirms for publishing, and the exchanges on it."""
         # on_return_raises: an unroutable message is an error, never silently dropped.
-        self._channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
-        await declare(self._channel, self.topology)
-        for spec in self.topology.exchanges:
-            self._exchanges[spec.name] = await self._channel.get_exchange(spec.name)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchanges = {
+            spec.name: await channel.get_exchange(spec.name) for spec in self.topology.exchanges
+        }
+        return channel, exchanges
+
+    async def _renew_publishing(self, stuck: AbstractChannel) -> None:
+        """Swap a publishing channel RabbitMQ keeps nacking for a new one.
+
+        A channel that published to a quorum queue while its leader's node was going down can
+        go on being nacked for that queue after a new leader is elected (seen on 3.10: for
+        a minute and more), while a new channel on the same connection is served at once.
+        """
+        async with self._renewing:
+            if self._channel is not stuck:
+                return  # another publish renewed it already
+            try:
+                channel, exchanges = await self._publishing_channel(self.connection)
+            except (AMQPError, ConnectionError, RuntimeError) as exc:
+                log.warning("could not open a new publishing channel yet: %s", exc)
+                return
+            self._channel, self._exchanges = channel, exchanges
+        log.warning("RabbitMQ nacked publishes to queues with room; publishing on a new channel")
+        with contextlib.suppress(AMQPError, ConnectionError, RuntimeError):
+            await stuck.close()
 
     async def consumer_channel(self, prefetch: int) -> AbstractChannel:
         """A channel for consuming, with per-consumer prefetch (quorum queues refuse global)."""
@@ -195,14 +252,16 @@ class Broker:
         headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish a message (to `routing_key`, the next stage's input, in the message's lane)
-        or a job event or heartbeat (to its own key) on the main exchange, and wait for the
-        broker's confirm."""
+        or a job event or heartbeat (to its own key) on the main exchange, signed, and wait
+        for the broker's confirm."""
+        body = model.model_dump_json().encode()
+        topic = routing_key_for(model, routing_key)
         await self.publish_raw(
             routing.exchange(self.settings.namespace),
             publish_key(self.settings, model, routing_key),
-            model.model_dump_json().encode(),
-            headers=headers,
-            message_id=message_id(model, routing_key_for(model, routing_key)),
+            body,
+            headers={**(headers or {}), SIGNATURE_HEADER: self.signer.sign(topic, body)},
+            message_id=message_id(model, topic),
             type_=type(model).__name__,
         )
 
@@ -216,17 +275,51 @@ class Broker:
         message_id: str | None = None,
         type_: str | None = None,
     ) -> None:
-        """Publish bytes to an exchange (`""` is the default exchange) with confirms."""
+        """Publish bytes to an exchange (`""` is the default exchange) with confirms.
+
+        Nothing is signed here: what goes out raw is a delivery moved on (to a retry tier, the
+        dead letters, a replay) with the signature it came with, or none if it had none."""
         if self._channel is None:
             raise RuntimeError("Broker.connect() was not called")
-        target = self._exchanges.get(exchange) or self._channel.default_exchange
         message = amqp_message(body, headers=headers, message_id=message_id, type_=type_)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.leader_wait_s
+        pause = 0.1
+        while True:
+            try:
+                await self._publish_once(message, exchange, routing_key)
+                return
+            except QueueUnavailable:
+                # Elections take about a second: waiting here spares the caller a 503 and a
+                # stage a redelivery (each counts towards the queue's delivery limit).
+                if loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    async def _publish_once(
+        self, message: aio_pika.Message, exchange: str, routing_key: str
+    ) -> None:
+        """One confirmed publish on the current channel; a refusal raised as what it means."""
+        channel = self._channel
+        assert channel is not None
+        target = self._exchanges.get(exchange) or channel.default_exchange
         try:
             # A publish never waits forever: while the broker is away, callers answer 503.
             await target.publish(
                 message, routing_key=routing_key, mandatory=True, timeout=self.publish_timeout_s
             )
         except aio_pika.exceptions.DeliveryError as exc:
+            # A nack (not a return: unroutable) from queues with room is a failover.
+            if not isinstance(exc, aio_pika.exceptions.PublishError) and not (
+                await at_length_limit(self.connection, self.topology, exchange, routing_key)
+            ):
+                await self._renew_publishing(channel)
+                raise QueueUnavailable(
+                    f"RabbitMQ did not take a message for {routing_key!r} though its queue "
+                    "has room: the queue is electing a new leader (a node was lost); "
+                    "try again shortly."
+                ) from exc
             raise PublishRejected(
                 f"RabbitMQ refused a message for {routing_key!r} ({exc}); "
                 "the pipeline is full or a queue is missing."
