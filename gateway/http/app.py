@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts.settings import Settings
-from gateway.http import errors
+from gateway.http import api_responses, errors
 from gateway.http.admission import Admitter
+from gateway.http.body_limits import BodyLimits
+from gateway.http.boundary import HostGate, KeyGate, OriginGate
 from gateway.http.pipeline_monitor import PipelineMonitor
 from gateway.http.republisher import Republisher
 from gateway.http.routes import (
@@ -38,31 +39,6 @@ from stages.infra.broker import Broker
 from stages.infra.logs import configure_logging
 
 log = logging.getLogger(__name__)
-# Room for the multipart envelope and form fields around the file itself.
-_MULTIPART_OVERHEAD_BYTES = 64 * 1024
-
-
-class UploadSizeLimit:
-    """Refuse an oversized upload from its Content-Length, before reading a byte of it."""
-
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
-        self.app = app
-        self.limit = max_upload_bytes + _MULTIPART_OVERHEAD_BYTES
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer 413 early when the declared body is too large."""
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                response = errors.error_response(
-                    413,
-                    "file_too_large",
-                    f"The upload is larger than the {self.limit - _MULTIPART_OVERHEAD_BYTES}"
-                    " byte limit.",
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -122,13 +98,24 @@ def create_app(settings: Settings) -> FastAPI:
     # which only a CDN serves, is off.
     app = FastAPI(title="Sluice", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     api_docs.install(app)
+    api_responses.install(app)
     if tracing.enabled():
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         # The upload request's SERVER span is the root of the document's whole trace.
         FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     errors.install(app)
-    app.add_middleware(UploadSizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    # The boundary, outermost first: the host, the origin, the key, then the body's size and
+    # pace (gateway/http/boundary.py, body_limits.py); a request refused by one of the first
+    # three is answered before a byte of its body is read.
+    app.add_middleware(
+        BodyLimits,
+        max_upload_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    app.add_middleware(KeyGate, settings=settings)
+    app.add_middleware(OriginGate, settings=settings)
+    app.add_middleware(HostGate, settings=settings)
     for module in (documents, jobs, collections, dead_letters, search, ops, page, pipeline):
         app.include_router(module.router)
     return app
@@ -142,18 +129,14 @@ def serve(settings: Settings) -> None:
     """
     import uvicorn
 
+    from gateway.http.connections import fit_open_files, server_options
+
     refuse_open_exposure(settings)
     configure_logging("sluice-gateway", settings.log_format)
     tracing.setup_tracing("sluice-gateway")
+    fit_open_files(settings.max_connections)
+    # Head and drain deadlines and the connection limit live in the connection protocol
+    # (gateway/http/connections.py): uvicorn has none of them.
     uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        # Our handler formats uvicorn's lines too (JSON off a terminal, with trace ids).
-        log_config=None,
-        log_level="info",
-        # Longer than clients keep idle connections (httpx: 5 s), so a client never sends on a
-        # connection the server is just closing (seen as ReadError under load at 5 s each).
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=10,
+        create_app(settings), host=settings.host, port=settings.port, **server_options(settings)
     )

@@ -194,18 +194,28 @@ def require_api_key(
     """The caller's access: everything without configured keys, else what its Bearer key opens."""
     if not services.api_keys:
         return OPEN_ACCESS
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    found = key_access(services.api_keys, request.headers.get("authorization", ""))
+    if found is None:
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+    return found
+
+
+UNAUTHORIZED_MESSAGE = "Send a valid API key as 'Authorization: Bearer <key>'."
+
+
+def key_access(api_keys: tuple[ApiKey, ...], authorization: str) -> Access | None:
+    """What an `Authorization` header's Bearer key opens; None for no key or a wrong one.
+
+    Shared by the route dependency and the boundary (gateway/http/boundary.py), which refuses
+    a keyless upload before a byte of its body is read."""
+    scheme, _, token = authorization.partition(" ")
     given = token.strip().encode() if scheme.lower() == "bearer" else b""
     found: Access | None = None
     # Every key is compared, so the time taken says nothing about which one nearly matched.
-    for key in services.api_keys:
+    for key in api_keys:
         if secrets.compare_digest(given, key.secret) and found is None:
             found = key.access
-    if found is None or not given:
-        raise ApiError(
-            401, "unauthorized", "Send a valid API key as 'Authorization: Bearer <key>'."
-        )
-    return found
+    return found if given else None
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

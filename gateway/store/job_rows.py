@@ -141,6 +141,9 @@ def as_time(value: str | datetime | None) -> datetime | None:
     return datetime.fromisoformat(value)
 
 
+_MAX_CURSOR_CHARS = 512
+
+
 def encode_cursor(created_at: str | datetime, job_id: str) -> str:
     """The cursor that continues a listing after this job."""
     when = created_at.isoformat() if isinstance(created_at, datetime) else created_at
@@ -151,8 +154,12 @@ def encode_cursor(created_at: str | datetime, job_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[str, str]:
     """A cursor's (created_at as ISO text, job_id); ValueError for one this API did not give."""
     try:
+        # Ours are ~100 characters; a long one is garbage, and deeply nested JSON in it would
+        # exhaust the parser's recursion (RecursionError) before it failed.
+        if len(cursor) > _MAX_CURSOR_CHARS:
+            raise ValueError("too long")
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         datetime.fromisoformat(created_at)  # garbage must not reach a query
         return str(created_at), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a cursor this API gave out: {cursor!r}") from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"not a cursor this API gave out: {cursor[:80]!r}") from exc

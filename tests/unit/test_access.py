@@ -81,7 +81,7 @@ def _app(raw_keys: str | None) -> TestClient:
     async def whoami(access: Annotated[Access, Depends(require_api_key)]) -> dict[str, object]:
         return {"collections": sorted(access.collections) if access.collections else None}
 
-    return TestClient(app)
+    return TestClient(app, base_url="http://127.0.0.1")
 
 
 def test_the_request_key_decides_the_access() -> None:

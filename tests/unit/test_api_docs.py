@@ -17,7 +17,7 @@ from gateway.http.routes import api_docs
 def test_docs_page_loads_its_assets_from_the_gateway_not_a_cdn() -> None:
     app = FastAPI(title="Sluice", docs_url=None, redoc_url=None)
     api_docs.install(app)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
 
     page = client.get("/docs")
 

@@ -21,7 +21,7 @@ def _gateway(tmp_path: Path, **settings: Any) -> Iterator[TestClient]:
     app = create_app(
         Settings(data_dir=tmp_path, amqp_url="amqp://guest:guest@127.0.0.1:1/", **settings)
     )
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client
 
 

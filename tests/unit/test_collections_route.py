@@ -31,7 +31,7 @@ def test_collections_list_what_the_key_may_use(tmp_path: Path) -> None:
     for job_id, collection in (("a1", "red"), ("a2", "red"), ("b1", "blue")):
         _record(settings, job_id, collection)
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
 
         def get(path: str, key: str) -> tuple[int, dict[str, Any]]:
             answer = client.get(path, headers={"Authorization": f"Bearer {key}"})
