@@ -22,18 +22,19 @@ from pathlib import PurePath
 
 from fastapi import UploadFile
 
-from contracts.errors import Permanent, Transient
+from contracts.errors import Permanent, StorageFull, Transient
 from contracts.messages import DocumentUploaded
 from contracts.routing import INTERACTIVE, LANES, Lane
 from gateway.http.errors import ApiError
 from gateway.http.faults import fault_point
+from gateway.http.idempotency import discard_refused_blob, key_reused
 from gateway.http.schemas import Job, UploadAnswer
 from gateway.http.services import Services
 from gateway.http.staging import stream_to_staging
-from gateway.store.base import NewJob
+from gateway.store.base import OPEN_KEY_OWNER, DocumentGone, IdempotencyKeyReused, NewJob
 from stages.formats import sniff
 from stages.infra import tracing
-from stages.infra.broker import PublishRejected
+from stages.infra.broker import PublishRejected, QueueUnavailable
 
 log = logging.getLogger(__name__)
 _READ_BYTES = 1 << 20
@@ -87,9 +88,11 @@ async def accept(
     *,
     priority: Lane = INTERACTIVE,
     callback_url: str | None = None,
+    key_owner: str = OPEN_KEY_OWNER,
 ) -> tuple[int, UploadAnswer]:
     """Accept an upload (a new document, or a new version of `document_id`) in a lane, with
-    the URL to POST the job to when it ends (if any)."""
+    the URL to POST the job to when it ends (if any); `key_owner` is whose Idempotency-Key
+    it is (gateway/http/idempotency.py)."""
     filename = display_name(upload.filename)
     limit = services.settings.max_upload_bytes
     staged, sha256, size = await stream_to_staging(
@@ -110,7 +113,7 @@ async def accept(
         # A cheap look first, so a duplicate's bytes are never stored again (an upload to S3);
         # `create` below decides for certain, atomically.
         duplicate = await asyncio.to_thread(
-            _duplicate_of, services, collection, sha256, idempotency_key, document_id
+            _duplicate_of, services, collection, sha256, idempotency_key, document_id, key_owner
         )
         if duplicate is not None:
             return 200, answer(await _revived(services, duplicate), duplicate=True)
@@ -127,6 +130,7 @@ async def accept(
         size_bytes=size,
         blob_sha256=sha256,
         idempotency_key=idempotency_key,
+        key_owner=key_owner,
         # The upload request's trace is the job's: a person goes from a job to its trace.
         trace_id=tracing.current_trace_id(),
         replaces=document_id is not None,
@@ -134,9 +138,19 @@ async def accept(
         callback_url=callback_url,
     )
     # Of concurrent uploads of the same thing (one key, or the same bytes) one creates the
-    # job; the store hands the others the winner's job, answered as a duplicate.
+    # job; the store hands the others the winner's job, answered as a duplicate. A loser
+    # whose key came with other bytes is refused, and its blob goes unless shared.
     try:
         existing = await asyncio.to_thread(services.store.create, job)
+    except IdempotencyKeyReused as exc:
+        await asyncio.to_thread(discard_refused_blob, services, sha256)
+        raise key_reused(exc) from exc
+    except DocumentGone as exc:
+        # A new version whose document was deleted while it was uploaded.
+        await asyncio.to_thread(discard_refused_blob, services, sha256)
+        raise ApiError(404, exc.code, exc.message) from exc
+    except StorageFull:
+        raise  # its disk is full: 507, to be tried again later (gateway/http/errors.py)
     except Transient as exc:
         raise ApiError(
             503, "job_store_unavailable", f"The job store did not answer: {exc}", RETRY_AFTER_S
@@ -199,9 +213,15 @@ def _duplicate_of(
     sha256: str,
     idempotency_key: str | None,
     document_id: str | None,
+    key_owner: str,
 ) -> Job | None:
     if document_id is None:
-        return services.store.find_duplicate(collection, sha256, idempotency_key)
+        try:
+            return services.store.find_duplicate(
+                collection, sha256, idempotency_key, key_owner=key_owner
+            )
+        except IdempotencyKeyReused as exc:
+            raise key_reused(exc) from exc
     current = services.store.current_job(document_id)
     same = current is not None and current.blob_sha256 == sha256 and current.status != "failed"
     return current if same else None
@@ -228,6 +248,14 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
     )
     try:
         await services.broker.publish(message, services.settings.pipeline.first.input_key)
+    except QueueUnavailable as exc:
+        # Not full, only between leaders: a node of the RabbitMQ cluster was just lost.
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            f"The message broker did not take the upload: {exc}",
+            RETRY_AFTER_S,
+        ) from exc
     except PublishRejected as exc:
         raise ApiError(
             429, "pipeline_saturated", "The pipeline is full; try again shortly.", RETRY_AFTER_S

@@ -7,11 +7,12 @@ import asyncio
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
+from gateway.http.api_responses import KEYED, errors
 from gateway.http.errors import ApiError
 from gateway.http.routes.documents import valid_collection
 from gateway.http.services import AccessDep, ServicesDep, require_api_key
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=KEYED)
 
 
 class CollectionSummary(BaseModel):
@@ -28,7 +29,7 @@ class Collections(BaseModel):
     collections: list[CollectionSummary]
 
 
-@router.get("/collections")
+@router.get("/collections", responses=errors({503: "job_store_unavailable"}))
 async def list_collections(services: ServicesDep, access: AccessDep) -> Collections:
     """The collections the caller may use that hold documents (the page offers them)."""
     found = await asyncio.to_thread(services.store.collections)
@@ -41,7 +42,17 @@ async def list_collections(services: ServicesDep, access: AccessDep) -> Collecti
     )
 
 
-@router.get("/collections/{collection}")
+@router.get(
+    "/collections/{collection}",
+    responses=errors(
+        {
+            400: "invalid_collection",
+            403: "collection_forbidden",
+            404: "collection_not_found",
+            503: "job_store_unavailable",
+        }
+    ),
+)
 async def collection(
     services: ServicesDep, access: AccessDep, collection: str
 ) -> CollectionSummary:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Depends
 
 from contracts.errors import Transient
 from contracts.events import JobEvent
+from gateway.http.api_responses import KEYED, errors
 from gateway.http.errors import ApiError
 from gateway.http.schemas import DeadLetterOut, DeadLetters, Job, ReplayAnswer, ReplayRequest
 from gateway.http.services import Access, AccessDep, Services, ServicesDep, require_api_key
@@ -19,7 +20,9 @@ from gateway.http.uploads import RETRY_AFTER_S
 from stages.infra import dead_letter_queue as dlq
 from stages.infra.broker import PublishRejected
 
-router = APIRouter(prefix="/v1/dead-letters", dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1/dead-letters", dependencies=[Depends(require_api_key)], responses=KEYED
+)
 
 
 def _broker_trouble(exc: Transient) -> ApiError:
@@ -57,7 +60,12 @@ async def _visible_letters(
     return visible
 
 
-@router.get("")
+@router.get(
+    "",
+    responses=errors(
+        {429: "pipeline_saturated", 503: ["broker_unavailable", "job_store_unavailable"]}
+    ),
+)
 async def list_letters(services: ServicesDep, access: AccessDep) -> DeadLetters:
     """Every dead letter of the caller's collections, oldest first; the queue is unchanged."""
     _require_broker(services)
@@ -83,7 +91,15 @@ async def list_letters(services: ServicesDep, access: AccessDep) -> DeadLetters:
     )
 
 
-@router.post("/replay")
+@router.post(
+    "/replay",
+    responses=errors(
+        {
+            429: "pipeline_saturated",
+            503: ["broker_unavailable", "job_store_unavailable"],
+        }
+    ),
+)
 async def replay(
     services: ServicesDep,
     access: AccessDep,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 
 from gateway.http import gateway_metrics as metrics
+from gateway.http.api_responses import errors, json_answer
 from gateway.http.errors import error_response
 from gateway.http.services import ServicesDep
 
@@ -20,7 +23,19 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    """What `/readyz` answers when the broker and the stores are reachable."""
+
+    status: Literal["ready"]
+
+
+@router.get(
+    "/readyz",
+    responses={
+        **json_answer(200, Readiness, "The broker and the stores answer."),
+        **errors({503: "not_ready"}),
+    },
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """200 when the broker and the stores answer; else 503 naming the one that does not."""
     down = []
@@ -39,7 +54,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Prometheus text exposition format."},
+        **errors({503: "job_store_unavailable"}),
+    },
+)
 async def prometheus(services: ServicesDep) -> Response:
     """Prometheus text format."""
     body, content_type = await asyncio.to_thread(

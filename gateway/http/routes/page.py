@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
 from gateway.http.errors import ApiError
 from gateway.http.services import ServicesDep, require_api_key
@@ -42,7 +42,9 @@ def _static(name: str) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers=_PAGE_HEADERS)
 
 
-@router.get("/", include_in_schema=False)
+@router.get(
+    "/", response_class=HTMLResponse, responses={200: {"description": "The web page (HTML)."}}
+)
 async def index() -> FileResponse:
     """The page: uploads, live progress, jobs, search."""
     return _static("index.html")

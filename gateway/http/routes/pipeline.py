@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from gateway.http.api_responses import KEYED, errors
 from gateway.http.pipeline_monitor import PipelineMonitor
 from gateway.http.pipeline_schemas import PipelineOut
 from gateway.http.services import AccessDep, ServicesDep, require_api_key
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=KEYED)
 
 
 def get_monitor(request: Request) -> PipelineMonitor:
@@ -23,7 +24,7 @@ def get_monitor(request: Request) -> PipelineMonitor:
 MonitorDep = Annotated[PipelineMonitor, Depends(get_monitor)]
 
 
-@router.get("/pipeline")
+@router.get("/pipeline", responses=errors({503: "job_store_unavailable"}))
 async def pipeline(monitor: MonitorDep, services: ServicesDep, access: AccessDep) -> PipelineOut:
     """The pipeline as this gateway last heard and sampled it; `stale` while the broker is
     away. A key limited to some collections sees only their jobs among those in hand."""

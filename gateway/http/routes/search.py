@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
+from gateway.http.api_responses import KEYED, errors
 from gateway.http.errors import ApiError
 from gateway.http.routes.documents import valid_collection
 from gateway.http.schemas import SearchHit
 from gateway.http.services import AccessDep, ServicesDep, require_api_key
 from stages.backends.protocols import embedding_text
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=KEYED)
 
 
 class SearchResults(BaseModel):
@@ -23,7 +24,16 @@ class SearchResults(BaseModel):
     results: list[SearchHit]
 
 
-@router.get("/search")
+@router.get(
+    "/search",
+    responses=errors(
+        {
+            400: ["empty_query", "invalid_collection"],
+            403: "collection_forbidden",
+            503: ["embedding_unavailable", "index_unavailable"],
+        }
+    ),
+)
 async def search(
     services: ServicesDep,
     access: AccessDep,
