@@ -1,8 +1,9 @@
 """The promise every fault test checks at its end: nothing lost, nothing stuck, nothing twice.
 
 Every accepted job is `indexed` or `failed` with a reason a person can read; the index holds
-each chunk of each indexed document exactly once; the dead-letter queue holds exactly the
-failed jobs' messages (and any malformed messages a test published itself).
+each chunk of each indexed document exactly once, and none of a failed job's (a version that
+failed must not be half searchable); the dead-letter queue holds exactly the failed jobs'
+messages (and any malformed messages a test published itself).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 import httpx
 from pipeline import Pipeline
 
+from contracts.messages import chunk_id
 from stages.backends.factory import open_index
+from stages.backends.protocols import VectorIndex
 from stages.infra.broker import Broker
 from stages.infra.dead_letter_queue import DeadLetter, list_dead_letters
 
@@ -44,6 +47,8 @@ async def assert_nothing_lost(
         assert job["status"] in ("indexed", "failed"), f"job ended {job['status']}: {job}"
         if job["status"] == "failed":
             assert job["error"]["message"].strip(), job
+            left = chunks_left_by(index, job)
+            assert not left, f"{job['filename']} failed, yet these chunks of it are indexed: {left}"
             continue
         ids = index.chunk_ids(job["collection"], job["document_id"])
         twice = [chunk for chunk, n in Counter(ids).items() if n > 1]
@@ -57,3 +62,11 @@ async def assert_nothing_lost(
     assert owned == failed, f"dead letters for {owned}, failed jobs {failed}"
     assert sum(1 for letter in letters if not letter.job_id) == unowned_dead_letters
     return jobs
+
+
+def chunks_left_by(index: VectorIndex, job: dict[str, Any]) -> list[str]:
+    """The chunks of a job's version that the index holds (a chunk's id is made from the
+    document, its bytes and the chunk's place, so a version's ids are known from its job)."""
+    total = job["progress"]["chunks_total"] or 0
+    mine = {chunk_id(job["document_id"], job["blob_sha256"], i) for i in range(total)}
+    return [c for c in index.chunk_ids(job["collection"], job["document_id"]) if c in mine]

@@ -69,6 +69,17 @@ class Pipeline:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
 
+    def log_mark(self, name: str) -> int:
+        """Where one process's log ends now, to read only what it writes after (`log_since`)."""
+        path = self.log_dir / f"{name}.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def log_since(self, name: str, mark: int) -> str:
+        """What one process (or the one started in its place) logged since `mark`."""
+        with (self.log_dir / f"{name}.log").open("rb") as log:
+            log.seek(mark)
+            return log.read().decode(errors="replace")
+
     def logs(self) -> str:
         """The tail of every process's log, for a failing test's report."""
         parts = []
@@ -149,10 +160,12 @@ def launch(
     settings: dict[str, str],
     commands: dict[str, list[str]] | None = None,
     process_env: dict[str, dict[str, str]] | None = None,
+    namespace: str | None = None,
 ) -> Pipeline:
     """`start_pipeline`, where `commands` may replace or add a process (a test double of a
-    stage, a second gateway) and `process_env` gives one process settings of its own."""
-    namespace = f"t{uuid.uuid4().hex[:8]}"
+    stage, a second gateway), `process_env` gives one process settings of its own and
+    `namespace` is the queue prefix (a fresh one unless given)."""
+    namespace = namespace or f"t{uuid.uuid4().hex[:8]}"
     port = _free_port()
     # Names only: a plug-in stage's module is on the processes' PYTHONPATH, maybe not ours.
     chosen = settings.get("SLUICE_STAGES", DEFAULT_STAGES)

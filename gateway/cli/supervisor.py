@@ -239,7 +239,8 @@ def run_supervisor(
     children: Sequence[ChildSpec],
     *,
     backoff: Backoff = Backoff(),
-    stop_timeout_s: float = 20.0,
+    # As `Supervisor`'s: longer than a stage's drain, or `sluice up` kills it mid-drain.
+    stop_timeout_s: float = 35.0,
 ) -> int:
     """Run `sluice up` in the foreground until SIGINT/SIGTERM; returns the exit code."""
 

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from stages.infra import stage_metrics as metrics
 from stages.infra import tracing
 from stages.infra.logs import log_context
-from stages.runtime.outcome import DeadLetter, Done, Outcome, Requeue, Retry
+from stages.runtime.outcome import DeadLetter, Done, Outcome, Park, Requeue, Retry
 from stages.runtime.reading import DeliveryContext
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,14 @@ def _log_outcome(ctx: DeliveryContext, outcome: Outcome) -> None:
             outcome.error,
             outcome.delay_s,
         )
+    elif isinstance(outcome, Retry) and not outcome.backpressure:
+        log.warning(
+            "%s: job %s waits %ds for space (%s)",
+            ctx.stage,
+            ctx.job_id,
+            outcome.delay_s,
+            outcome.error,
+        )
     elif isinstance(outcome, Retry):
         log.info(
             "%s: job %s waits %ds, the next stage is full (%s)",
@@ -121,6 +129,8 @@ def _log_outcome(ctx: DeliveryContext, outcome: Outcome) -> None:
             outcome.code,
             outcome.reason,
         )
+    elif isinstance(outcome, Park):
+        log.debug("%s: job %s waits: a redelivered message runs alone", ctx.stage, ctx.job_id)
     elif isinstance(outcome, Requeue):
         log.error(
             "%s: could not finish a message; it will be redelivered",
@@ -165,7 +175,10 @@ class Tracing:
                 span,
                 {"sluice.pages": outcome.event.pages, "sluice.chunks": outcome.event.chunks_total},
             )
-        elif not (isinstance(outcome, Retry) and not outcome.spend_attempt):
+        elif isinstance(outcome, Park):
+            # Set aside unrun while a redelivered message runs alone: no failure of its own.
+            tracing.annotate(span, {"sluice.parked": True})
+        elif not (isinstance(outcome, Retry) and outcome.backpressure):
             # Backpressure is no failure of this message; everything else failed its span.
             tracing.record_failure(span, outcome.error)
         return outcome

@@ -6,16 +6,20 @@ delivery carried and how the handler ended, so the whole table reads (and is tes
 
 | how it ended                                   | outcome                                   |
 |------------------------------------------------|-------------------------------------------|
+| not signed with the deployment's secret        | DeadLetter `unauthenticated_message`, no  |
+|                                                | job failed (its body is not believed)     |
 | body does not validate                         | DeadLetter `invalid_message`              |
 | delivered `delivery_limit` times already       | DeadLetter `worker_crashed`               |
 | handler returned, batch contract kept          | Done (outputs + progress event)           |
 | outputs break the stage contract (batch, type) | DeadLetter `stage_contract`               |
 | handler raised `Permanent`                     | DeadLetter, not retryable                 |
+| handler raised `StorageFull` (a disk is full)  | Retry in the last tier, attempt not spent |
 | handler raised anything else, attempts left    | Retry in the tier for its attempt         |
 | ... on its last attempt                        | DeadLetter, retryable                     |
 | outputs refused: the next queue is full        | Retry in the first tier, attempt not spent|
 | the broker failed mid-settle                   | Requeue (redelivered; work is idempotent) |
 | the runtime or a layer failed (crash guard)    | Requeue                                   |
+| another delivery runs alone (isolation.py)     | Park: a copy to the back of its queue, ack|
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from contracts import events
-from contracts.errors import Permanent, SluiceError
+from contracts.errors import Permanent, SluiceError, StorageFull
 from contracts.events import JobEvent
 from contracts.messages import ChunkBatch, EmbeddedBatch, Message
 from contracts.pipeline import StageSpec
@@ -50,8 +54,9 @@ class Done:
 class Retry:
     """Park the message in the retry tier `delay_s` (a TTL queue that hands it back), then ack.
 
-    `attempt` is the attempt that failed; `spend_attempt` is False for backpressure, which is
-    no fault of the message and must not bring it closer to the dead-letter queue.
+    `attempt` is the attempt that failed; `spend_attempt` is False for backpressure and for a
+    full disk, which are no fault of the message and must not bring it closer to the
+    dead-letter queue.
     """
 
     delay_s: int
@@ -68,6 +73,12 @@ class Retry:
     def code(self) -> str:
         """Why it is retried, for metrics."""
         return error_code(self.error)
+
+    @property
+    def backpressure(self) -> bool:
+        """Whether it waits because the next stage's queue refused its outputs: no attempt
+        failed then (the handler's work is done, only its hand-over waits)."""
+        return isinstance(self.error, PublishRejected)
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,13 @@ class Requeue:
     error: BaseException
 
 
-Outcome = Done | Retry | DeadLetter | Requeue
+@dataclass(frozen=True)
+class Park:
+    """Not run now, because a redelivered message runs alone (stages/runtime/isolation.py):
+    a copy goes to the back of its own queue, then ack. No attempt is spent, no event sent."""
+
+
+Outcome = Done | Retry | DeadLetter | Requeue | Park
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,11 @@ def decide(ctx: DeliveryContext, ended: Ended, spec: StageSpec, tuned: StageSett
         return Done(ended.outputs, events.progress(spec.name, ctx.msg, ended.outputs, ctx.attempt))
     if isinstance(ended.error, Permanent):
         return DeadLetter(ended.error, retryable=False)
+    if isinstance(ended.error, StorageFull):
+        # Space comes back when a person frees it, maybe hours from now; until then the
+        # message waits in the slowest tier as often as it takes, and is never dead-lettered
+        # for it: nothing is lost once there is space again.
+        return Retry(tuned.retry_delays_s[-1], ctx.attempt, False, ended.error)
     if ctx.attempt >= tuned.max_attempts:
         return DeadLetter(ended.error, retryable=True)
     return Retry(tuned.retry_delay_s(ctx.attempt), ctx.attempt, True, ended.error)
@@ -152,6 +174,10 @@ def when_settling_failed(
     if isinstance(outcome, Done) and isinstance(error, PublishRejected):
         # The next stage's queue is full: backpressure, not a fault of this message, so it
         # waits in the first retry tier without spending an attempt.
+        return Retry(first_delay_s, ctx.attempt, spend_attempt=False, error=error)
+    if isinstance(outcome, Park) and isinstance(error, PublishRejected):
+        # Its own queue is full: it waits in the first retry tier instead, which has no
+        # limit (handed back unsettled, it would count as a failed delivery).
         return Retry(first_delay_s, ctx.attempt, spend_attempt=False, error=error)
     # Anything else (the broker went away mid-message): leave it unacked, to be redelivered.
     return Requeue(error)

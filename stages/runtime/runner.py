@@ -13,8 +13,10 @@ context, tracing, metrics (stages/runtime/layers.py). In short:
 - anything still failing → republished to the stage's retry tier for its attempt (a TTL queue
   that dead-letters back), ack; after `max_attempts` it is dead-lettered as retryable.
 A worker that dies mid-message never acks it: RabbitMQ redelivers it with `x-delivery-count`.
-One that has been delivered `delivery_limit` times already is set aside as `worker_crashed`
-before it can kill another worker; the quorum queue's own delivery limit is the backstop.
+A redelivered message runs alone, with nothing else in hand, so a message that kills its
+worker takes no other down with it (stages/runtime/isolation.py); one that has been handed
+back `delivery_limit` times already is set aside as `worker_crashed` before it can kill
+another worker; the quorum queue's own delivery limit is the backstop.
 
 The runner consumes both lanes' queues of its stage (contracts/routing.py), each with the
 stage's prefetch, and its `concurrency` slots go to waiting deliveries through a `LaneGate`
@@ -44,16 +46,19 @@ from contracts.errors import Transient
 from contracts.messages import Message
 from contracts.settings import Settings
 from stages.runtime.announce import Announcer
+from stages.runtime.consumers import Consumers
 from stages.runtime.heartbeat import Heartbeat, WorkerStats
 from stages.runtime.lanes import LaneGate
 from stages.runtime.layers import CrashGuard, Layer, LogContext, Metrics, Tracing, wrap
-from stages.runtime.outcome import Ended, Outcome, Raised, Returned, decide, refuse
-from stages.runtime.ports import BrokerPort, Consuming, Delivery, OnDelivery
+from stages.runtime.outcome import Ended, Outcome, Park, Raised, Returned, decide, refuse
+from stages.runtime.ports import BrokerPort, Delivery, OnDelivery
 from stages.runtime.reading import DeliveryContext, read_delivery
 from stages.runtime.settle import Settler
 from stages.stage import Stage
 
 log = logging.getLogger(__name__)
+# Turns of the event loop that deliveries already received need to reach the runner.
+_TURNS = 5
 
 
 class StageRunner:
@@ -108,37 +113,45 @@ class StageRunner:
             broker, stage.name, self.stats, every_s=settings.heartbeat_every_s
         )
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self.consumers = Consumers(
+            broker, stage.name, self.queues, self.tuned.prefetch, self._receiver
+        )
+        # The delivery that runs alone, or waits to (stages/runtime/isolation.py); set while no
+        # consumer takes deliveries for it any more.
+        self._alone: asyncio.Task[Any] | None = None
+        self._alone_paused = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, *, drain_timeout_s: float = 30.0) -> None:
         """Consume until `stop` is set; then stop taking messages and finish those in hand."""
-        consumers: list[Consuming] = []
         beating = asyncio.create_task(self.heartbeat.run())
         try:
-            for lane, queue in self.queues.items():
-                consumers.append(
-                    await self.broker.consume(queue, self.tuned.prefetch, self._receiver(lane))
-                )
+            await self.consumers.start()
             log.info("stage %s consuming %s", self.stage.name, ", ".join(self.queues.values()))
             await stop.wait()
-            for consumer in consumers:
-                await consumer.cancel()
-            if self._in_flight:
-                log.info(
-                    "stage %s finishing %d in-flight messages",
-                    self.stage.name,
-                    len(self._in_flight),
-                )
-                _, pending = await asyncio.wait(self._in_flight, timeout=drain_timeout_s)
-                # Unfinished work is not acked: closing the consumer hands it back to the queue.
-                for task in pending:
-                    task.cancel()
-            for consumer in consumers:
-                await consumer.close()
+            await self.consumers.stop()
+            await self._drain(drain_timeout_s)
+            await self.consumers.close()
         finally:
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
         await self.heartbeat.last()
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Finish the deliveries in hand (for up to `timeout_s`), once none can arrive."""
+        # Deliveries the broker sent before it took the cancel reach their tasks a turn or two
+        # later; they are in hand too.
+        for _ in range(_TURNS):
+            await asyncio.sleep(0)
+        if not self._in_flight:
+            return
+        log.info("stage %s finishing %d in-flight messages", self.stage.name, len(self._in_flight))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(set(self._in_flight), timeout=left)
+        # Unfinished work is not acked: closing the consumer hands it back to the queue.
+        for task in list(self._in_flight):
+            task.cancel()
 
     def _receiver(self, lane: routing.Lane) -> OnDelivery:
         """The consumer callback of one lane's queue."""
@@ -155,13 +168,59 @@ class StageRunner:
         try:
             ctx = self._read(delivery, lane)
             with self.stats.holding(lane, ctx.job_id):
-                async with self.gate.slot(lane):
-                    # The handler's time starts now, not while it waited for a slot.
-                    ctx.started_s = time.perf_counter()
-                    outcome = await self._handling(ctx)
+                if self._alone is None and ctx.deliveries and refuse(ctx, self.tuned) is None:
+                    outcome = await self._alone_in_hand(lane, ctx)
+                else:
+                    outcome = await self._in_slot(lane, ctx)
                 self.stats.settled(outcome)
         finally:
             self._in_flight.discard(task)
+
+    async def _in_slot(self, lane: routing.Lane, ctx: DeliveryContext) -> Outcome:
+        async with self.gate.slot(lane):
+            # The handler's time starts now, not while it waited for a slot.
+            ctx.started_s = time.perf_counter()
+            return await self._handling(ctx)
+
+    async def _alone_in_hand(self, lane: routing.Lane, ctx: DeliveryContext) -> Outcome:
+        """Handle a redelivered message with nothing else in hand: take no more deliveries,
+        let the running handlers finish and park the rest, then run it, then consume again
+        (stages/runtime/isolation.py)."""
+        self._alone = asyncio.current_task()
+        self._alone_paused.clear()
+        try:
+            await self.consumers.pause()
+            self._alone_paused.set()
+            await self._others_settled()
+            await self.consumers.fence()
+            assert ctx.msg is not None, "refuse() lets no invalid message run"
+            index, count, _ = ctx.msg.unit()
+            log.warning(
+                "%s: job %s: %s batch %d/%d was handed out %d time(s) before and never settled "
+                "(its worker may have died on it); running it alone",
+                ctx.stage,
+                ctx.job_id,
+                ctx.msg.filename,
+                index + 1,
+                count,
+                ctx.deliveries,
+            )
+            return await self._in_slot(lane, ctx)
+        finally:
+            if not self.consumers.stopping:
+                # Stragglers (sent before the consumers were cancelled) are parked by now.
+                await self._others_settled()
+            self._alone = None
+            await self.consumers.resume()
+
+    async def _others_settled(self) -> None:
+        """Wait until every delivery in hand but this task's is settled."""
+        # Deliveries the broker sent before it took the cancel reach their tasks a turn or
+        # two of the loop later (aio-pika hands each to a task of its own).
+        for _ in range(_TURNS):
+            await asyncio.sleep(0)
+        while others := self._in_flight - {asyncio.current_task()}:
+            await asyncio.wait(others)
 
     async def process(
         self, delivery: Delivery, lane: routing.Lane = routing.INTERACTIVE
@@ -171,11 +230,24 @@ class StageRunner:
         return await self._handling(self._read(delivery, lane))
 
     def _read(self, delivery: Delivery, lane: routing.Lane) -> DeliveryContext:
-        return read_delivery(delivery, self.stage.name, self.queues[lane], self.stage.input, lane)
+        return read_delivery(
+            delivery,
+            self.stage.name,
+            self.queues[lane],
+            self.stage.input,
+            lane,
+            signer=self.broker.signer,
+            topic=self.stage.spec.input_key,
+        )
 
     async def _decide_and_settle(self, ctx: DeliveryContext) -> Outcome:
         """What the layers wrap: decide how the delivery ends, then settle it."""
         outcome: Outcome | None = refuse(ctx, self.tuned)
+        if outcome is None and self._alone not in (None, asyncio.current_task()):
+            # A redelivered message runs alone: nothing else may be in hand beside it. Parked
+            # once the consumers take nothing more, or the copy would come straight back.
+            await self._alone_paused.wait()
+            outcome = Park()
         if outcome is None:
             assert ctx.msg is not None
             ended = await self._run(ctx.msg, ctx.attempt)

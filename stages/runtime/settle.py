@@ -27,10 +27,12 @@ from contracts.topology import (
     STAGE_HEADER,
 )
 from stages.infra.dead_letter_queue import now_header
+from stages.runtime.isolation import moved_headers
 from stages.runtime.outcome import (
     DeadLetter,
     Done,
     Outcome,
+    Park,
     Requeue,
     Retry,
     when_settling_failed,
@@ -71,7 +73,9 @@ class Settler:
         ctx.settled = outcome
         return outcome
 
-    async def _publish(self, ctx: DeliveryContext, outcome: Done | Retry | DeadLetter) -> None:
+    async def _publish(
+        self, ctx: DeliveryContext, outcome: Done | Retry | DeadLetter | Park
+    ) -> None:
         """What `outcome` sends before the ack, each publish confirmed."""
         if isinstance(outcome, Done):
             assert ctx.msg is not None, "only a handled message ends Done"
@@ -89,19 +93,28 @@ class Settler:
                     "",
                     routing.retry_queue(self.namespace, self.stage, outcome.delay_s, ctx.lane),
                     ctx.delivery.body,
-                    headers={**_headers(ctx), ATTEMPT_HEADER: outcome.next_attempt},
+                    headers={**_moved_headers(ctx), ATTEMPT_HEADER: outcome.next_attempt},
                     message_id=ctx.delivery.message_id,
                 ),
                 *(self.broker.publish(event) for event in self._retrying_event(ctx, outcome)),
+            )
+        elif isinstance(outcome, Park):
+            # Straight back to the queue it came from (its lane's), behind what waits there.
+            await self.broker.publish_raw(
+                "",
+                ctx.queue,
+                ctx.delivery.body,
+                headers=_moved_headers(ctx),
+                message_id=ctx.delivery.message_id,
             )
         else:
             await self._dead_letter(ctx, outcome)
 
     def _retrying_event(self, ctx: DeliveryContext, outcome: Retry) -> list[JobEvent]:
-        """The `retrying` event of an attempt that failed, so the job shows its attempts and
-        last error. Nothing for backpressure: a full next queue is no failed attempt (and the
-        broker that refused the outputs needs no more messages)."""
-        if not outcome.spend_attempt or ctx.msg is None:
+        """The `retrying` event of an attempt that failed (a full disk's too), so the job
+        shows its attempts and last error. Nothing for backpressure: a full next queue is no
+        failed attempt (and the broker that refused the outputs needs no more messages)."""
+        if outcome.backpressure or ctx.msg is None:
             return []
         error = JobError(
             stage=self.stage,
@@ -164,3 +177,9 @@ def _in_lane(output: Message, given: Message) -> Message:
 def _headers(ctx: DeliveryContext) -> dict[str, Any]:
     """The delivery's own headers (trace context among them), carried on to where it goes."""
     return dict(ctx.delivery.headers or {})
+
+
+def _moved_headers(ctx: DeliveryContext) -> dict[str, Any]:
+    """The headers of a copy the stage consumes again (a retry, a parked one): its own, with
+    its deaths carried over (stages/runtime/isolation.py)."""
+    return moved_headers(ctx.delivery.headers, ctx.deliveries)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from broker import BrokerHandle
 from documents import make_pdf
-from pipeline import Pipeline, launch, stop_pipeline
+from pipeline import Pipeline, launch, queue_depth, stop_pipeline
 
 PipelineFactory = Callable[..., Pipeline]
 _WORDS = [
@@ -97,3 +97,27 @@ async def wait_until(
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"no job reached the awaited state in {deadline_s}s")
+
+
+async def wait_for_log(
+    pipeline: Pipeline, name: str, text: str, since: int, deadline_s: float = 120.0
+) -> str:
+    """Wait (with a deadline) until process `name` has logged a line with `text` since the mark
+    `since` (`Pipeline.log_mark`); returns that line."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for line in pipeline.log_since(name, since).splitlines():
+            if text in line:
+                return line
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} did not log {text!r} in {deadline_s}s\n{pipeline.logs()}")
+
+
+async def wait_for_depth(
+    broker: BrokerHandle, queue: str, test: Callable[[int], bool], deadline_s: float = 120.0
+) -> None:
+    """Wait (with a deadline) until the number of messages `queue` holds satisfies `test`."""
+    deadline = time.monotonic() + deadline_s
+    while not test(depth := await asyncio.to_thread(queue_depth, broker, queue)):
+        assert time.monotonic() < deadline, f"{queue} still holds {depth} after {deadline_s}s"
+        await asyncio.sleep(0.25)

@@ -1,114 +1,177 @@
-"""Workers die mid-message: `kill -9` of each stage, and a message that kills its worker."""
+"""Workers die mid-message: `kill -9` of each stage while it holds work, a message that kills
+its worker, and a SIGTERM while the stage is busy.
+
+Each test proves what it is about from what the stages themselves say: a stage that is handed
+a message that was in hand when its worker went away logs that it runs it alone
+(`REDELIVERED`, stages/runtime/isolation.py); a draining stage logs how many messages it
+finishes, then each one as done.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import threading
 from pathlib import Path
 
 import httpx
+from broker import BrokerHandle
 from documents import make_markdown
 from fakes.crashing_embed import CRASH_MARKER
+from fakes.gated_stage import GATE_ENV, held_marker
 from invariants import assert_nothing_lost
 from pipeline import wait_for_job
 
-from faults.conftest import PipelineFactory, distinct_pdfs, upload, wait_until
+from contracts import routing
+from faults.conftest import (
+    PipelineFactory,
+    distinct_pdfs,
+    upload,
+    wait_for_depth,
+    wait_for_log,
+)
+
+# What the runner logs when it is handed a message that was in hand, unsettled, before.
+REDELIVERED = "time(s) before and never settled"
+FAKES = Path(__file__).parents[1] / "fakes"
 
 
-async def test_kill_9_each_stage_in_turn_loses_nothing(pipelines: PipelineFactory) -> None:
-    pipeline = pipelines()
+async def test_kill_9_of_each_stage_holding_work_loses_nothing(
+    pipelines: PipelineFactory, broker: BrokerHandle
+) -> None:
+    # Two chunks a batch: every document is several batches, so each stage gets a backlog.
+    pipeline = pipelines(SLUICE_CHUNKS_PER_MESSAGE="2")
+    settings = pipeline.settings()
+    # Nothing moves until a stage is started: each one starts with more waiting than it takes.
+    for stage in pipeline.stages:
+        assert pipeline.terminate(stage) == 0
     async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
         answers = await asyncio.gather(
-            *(upload(api, name, data) for name, data in distinct_pdfs(20, pages=6).items())
+            *(upload(api, name, data) for name, data in distinct_pdfs(12, pages=6).items())
         )
-        assert [a.status_code for a in answers] == [202] * 20
+        assert [a.status_code for a in answers] == [202] * 12
         job_ids = [a.json()["job_id"] for a in answers]
 
-        # Each stage's status, then indexed: the pipeline's statuses less queued and failed.
-        statuses = pipeline.settings().pipeline.statuses[1:-1]
-        for position, stage in enumerate(pipeline.stages):
-            # Kill each stage once work has reached it, while the other documents are
-            # still in flight behind it.
-            reached = set(statuses[position:])
-            await wait_until(api, job_ids, lambda job: job["status"] in reached)  # noqa: B023
-            pipeline.kill(stage)
+        for stage in pipeline.stages:
+            queue = routing.stage_queue(pipeline.namespace, stage)
+            taken = settings.stage(stage).prefetch
+            # More than its prefetch waits, so it holds a full prefetch as soon as it consumes.
+            await wait_for_depth(broker, queue, lambda depth: depth > taken)  # noqa: B023
+            mark = pipeline.log_mark(stage)
             pipeline.start(stage)
+            await wait_for_log(pipeline, stage, f"stage {stage} consuming", since=mark)
+            pipeline.kill(stage)
+            mark = pipeline.log_mark(stage)
+            pipeline.start(stage)
+            # What the killed worker held comes back to the one started in its place.
+            await wait_for_log(pipeline, stage, REDELIVERED, since=mark)
 
         jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
-        assert [job["status"] for job in jobs] == ["indexed"] * 20, jobs
+        assert [job["status"] for job in jobs] == ["indexed"] * 12, jobs
         await assert_nothing_lost(pipeline, api, job_ids)
 
 
-async def test_a_message_that_kills_its_worker_is_set_aside(pipelines: PipelineFactory) -> None:
-    crashing_embed = [
-        sys.executable,
-        str(Path(__file__).parents[1] / "fakes" / "crashing_embed.py"),
-    ]
-    # Prefetch 1: a message prefetched beside the poison one would share its redelivery
-    # count (the broker cannot tell which of the unacked messages killed the worker).
-    pipeline = pipelines(
-        commands={"embed": crashing_embed}, SLUICE_DELIVERY_LIMIT="3", SLUICE_EMBED_PREFETCH="1"
-    )
-    restarts = 0
-    stop = threading.Event()
-
-    def supervise_embed() -> None:
-        # What `sluice up` does: start the stage again whenever it dies.
-        nonlocal restarts
-        while not stop.is_set():
-            if pipeline.processes["embed"].poll() is not None:
-                restarts += 1
-                pipeline.start("embed")
-            stop.wait(0.1)
-
-    keeper = threading.Thread(target=supervise_embed, daemon=True)
-    keeper.start()
-    try:
-        async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
-            poison = await upload(
-                api,
-                "poison.md",
-                make_markdown("Poison", {"Body": f"The sentence {CRASH_MARKER} is in here."}),
-            )
-            good = await asyncio.gather(
-                *(
-                    upload(
-                        api,
-                        f"good-{n}.md",
-                        make_markdown(
-                            f"Good {n}", {"Body": f"Healthy document number {n} about orchards."}
-                        ),
-                    )
-                    for n in range(3)
-                )
-            )
-            job_ids = [poison.json()["job_id"], *(g.json()["job_id"] for g in good)]
-            jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
-            assert jobs[0]["status"] == "failed", jobs[0]
-            assert jobs[0]["error"]["code"] == "worker_crashed"
-            assert jobs[0]["error"]["stage"] == "embed"
-            assert [job["status"] for job in jobs[1:]] == ["indexed"] * 3
-            await assert_nothing_lost(pipeline, api, job_ids)
-    finally:
-        stop.set()
-        keeper.join()
-    assert restarts >= 3, f"the worker died {restarts} times; the limit is 3"
-
-
-async def test_sigterm_drains_a_busy_stage_without_losing_work(
-    pipelines: PipelineFactory,
+async def test_a_message_that_kills_its_worker_kills_at_most_delivery_limit_workers(
+    pipelines: PipelineFactory, broker: BrokerHandle
 ) -> None:
-    pipeline = pipelines()
+    limit = 3
+    crashing_embed = [sys.executable, str(FAKES / "crashing_embed.py")]
+    # The default prefetch: the poison batch is in hand beside every innocent one, and each
+    # worker it kills hands them all back, counted as failed deliveries of theirs too.
+    pipeline = pipelines(commands={"embed": crashing_embed}, SLUICE_DELIVERY_LIMIT=str(limit))
+    assert pipeline.settings().stage("embed").prefetch > 8
+    assert pipeline.terminate("embed") == 0
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
+        poison = await upload(
+            api,
+            "poison.md",
+            make_markdown("Poison", {"Body": f"The sentence {CRASH_MARKER} is in here."}),
+        )
+        good = await asyncio.gather(
+            *(
+                upload(
+                    api,
+                    f"good-{n}.md",
+                    make_markdown(
+                        f"Good {n}", {"Body": f"Healthy document number {n} about orchards."}
+                    ),
+                )
+                for n in range(6)
+            )
+        )
+        job_ids = [poison.json()["job_id"], *(g.json()["job_id"] for g in good)]
+        # Every document's one batch waits for embed, so the first worker takes them all.
+        queue = routing.stage_queue(pipeline.namespace, "embed")
+        await wait_for_depth(broker, queue, lambda depth: depth == len(job_ids))
+
+        mark = pipeline.log_mark("embed")
+        exits: list[int] = []
+        stop = threading.Event()
+
+        def supervise_embed() -> None:
+            # What `sluice up` does: start the stage again whenever it dies.
+            pipeline.start("embed")
+            while not stop.is_set():
+                if (code := pipeline.processes["embed"].poll()) is not None:
+                    exits.append(code)
+                    pipeline.start("embed")
+                stop.wait(0.1)
+
+        keeper = threading.Thread(target=supervise_embed, daemon=True)
+        keeper.start()
+        try:
+            jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
+        finally:
+            stop.set()
+            keeper.join()
+        assert jobs[0]["status"] == "failed", jobs[0]
+        assert jobs[0]["error"]["code"] == "worker_crashed"
+        assert jobs[0]["error"]["stage"] == "embed"
+        assert [job["status"] for job in jobs[1:]] == ["indexed"] * 6, jobs[1:]
+        await assert_nothing_lost(pipeline, api, job_ids)
+    # The first worker died with innocent work in hand; it was handed back and ran alone.
+    logged = pipeline.log_since("embed", mark)
+    assert re.search(rf"good-\d\.md batch 1/1 was handed out 1 {re.escape(REDELIVERED)}", logged)
+    assert set(exits) == {-9}, f"embed exited with {exits}: only the poison message kills it"
+    kills = len(exits)
+    assert 1 <= kills <= limit, f"one poison message killed {kills} workers; the limit is {limit}"
+
+
+async def test_sigterm_drains_a_busy_stage_finishing_what_it_holds(
+    pipelines: PipelineFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gated_embed = [sys.executable, str(FAKES / "gated_stage.py"), "embed"]
+    pipeline = pipelines(commands={"embed": gated_embed}, **{GATE_ENV: str(gate)})
+    mark = pipeline.log_mark("embed")
     async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
         answers = await asyncio.gather(
             *(upload(api, n, d) for n, d in distinct_pdfs(8, pages=6, seed=3).items())
         )
         job_ids = [a.json()["job_id"] for a in answers]
-        await wait_until(api, job_ids, lambda job: job["status"] == "embedding")
-        # A stage asked to stop finishes or hands back what it holds, and exits cleanly.
-        assert pipeline.terminate("embed") == 0
+        # Embed holds work it cannot finish until the gate opens, which is after the SIGTERM.
+        while not held_marker(gate).exists():
+            assert pipeline.processes["embed"].poll() is None, pipeline.logs()
+            await asyncio.sleep(0.05)
+        embed = pipeline.processes["embed"]
+        embed.terminate()
+        finishing = await wait_for_log(pipeline, "embed", "in-flight messages", since=mark)
+        counted = re.search(r"finishing (\d+) in-flight", finishing)
+        assert counted, finishing
+        in_hand = int(counted.group(1))
+        assert in_hand >= 1
+        gate.touch()
+        # Inside the drain timeout (30 s), with a margin for a busy machine.
+        assert await asyncio.to_thread(embed.wait, 60) == 0
+        drained = pipeline.log_since("embed", mark).split(finishing, 1)[1]
+        done = re.findall(r"embed: \S+ batch \d+/\d+ done in", drained)
+        assert len(done) >= in_hand, f"{in_hand} in hand at SIGTERM, {len(done)} finished"
+
+        mark = pipeline.log_mark("embed")
         pipeline.start("embed")
         jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
         assert [job["status"] for job in jobs] == ["indexed"] * len(job_ids), jobs
         await assert_nothing_lost(pipeline, api, job_ids)
+    # Acked before the stage exited: the stage started in its place was handed none of it.
+    assert REDELIVERED not in pipeline.log_since("embed", mark)
