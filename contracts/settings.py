@@ -17,6 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from contracts.broker_urls import split_urls
 from contracts.errors import SluiceError
 from contracts.messages import StageName
 from contracts.pipeline import DEFAULT_STAGES, Pipeline
@@ -36,6 +37,8 @@ _STAGE_ENV = re.compile(
 )
 # The model adds [CLS] and [SEP] to every input; chunk sizes count them, the splitter not.
 SPECIAL_TOKENS = 2
+# Replicas of every queue when SLUICE_AMQP_URL lists a cluster and no group size is set.
+CLUSTER_GROUP_SIZE = 3
 
 
 class StageOverrides(BaseModel):
@@ -109,7 +112,14 @@ class Settings(BaseSettings):
     # Per-stage settings from `SLUICE_<STAGE>_PREFETCH`, `..._CONCURRENCY`, ... (see `stage`).
     stage_overrides: dict[StageName, StageOverrides] = Field(default_factory=dict)
 
+    # One broker, or several nodes of one cluster comma separated (`amqp_urls`): a process
+    # connects to the first that answers and, when it loses that node, to the next.
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # Replicas of every queue Sluice declares (`x-quorum-initial-group-size`), for a cluster.
+    # Set, every durable queue is a quorum queue, the retry tiers and dead letters too, so no
+    # node holds one alone. Unset: as on one node (RabbitMQ's own group size, classic retry
+    # tiers); it is not the default because RabbitMQ refuses to redeclare a queue without it.
+    quorum_initial_group_size: int | None = Field(None, ge=1)
     # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
     namespace: str = Field("sluice", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
     data_dir: Path = Path("./data")
@@ -124,6 +134,17 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 104_857_600
     # `key` (every collection) or `key:coll1|coll2`, comma-separated; unset means no auth.
     api_keys: str | None = None
+    # The HTTP boundary. Host names the gateway answers to, comma-separated (`*`: any); unset
+    # means localhost, 127.0.0.1, ::1 and `host` without API keys (a web page cannot reach a
+    # loopback gateway by DNS rebinding), any with keys (a page cannot send the key).
+    allowed_hosts: str | None = None
+    # A request head (line and headers) not complete this long after its first byte, or
+    # after the connection opened, closes the connection: slow clients cannot hold sockets.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # A request body that sends nothing for this long is answered 408 `body_timeout`.
+    body_timeout_s: float = Field(30.0, gt=0)
+    # Connections held at once; one more closes the one idle longest (or is refused, 503).
+    max_connections: int = Field(1000, ge=1)
 
     # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
     model_dir: Path | None = None
@@ -193,6 +214,11 @@ class Settings(BaseSettings):
     # after three missed.
     heartbeat_every_s: float = Field(5.0, gt=0)
 
+    # Messages between Sluice processes: the HMAC-SHA256 key each one is signed with and every
+    # consumer checks (contracts/message_signature.py). Unset: a random one is made once and
+    # kept in the data dir; set the same value everywhere when processes share no disk.
+    message_secret: str | None = None
+
     # Webhooks: the HMAC-SHA256 key `X-Sluice-Signature` is made with (unset: a random one is
     # made once and kept in the data dir; set it when several machines send webhooks).
     webhook_secret: str | None = None
@@ -231,6 +257,18 @@ class Settings(BaseSettings):
             file_secret_settings,
         )
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str | None) -> str | None:
+        # A URL where a name belongs would match no Host header, and lock everyone out.
+        for entry in (value or "").split(","):
+            if "/" in entry or "@" in entry or any(c.isspace() for c in entry.strip()):
+                raise ValueError(
+                    f"SLUICE_ALLOWED_HOSTS entry {entry.strip()!r} is not a host name: list "
+                    "names as clients write them in URLs, e.g. sluice.example.com,localhost"
+                )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         """Cross-field checks, each naming the variable to change."""
@@ -262,6 +300,20 @@ class Settings(BaseSettings):
         from contracts.pipeline import resolve
 
         return resolve(self)
+
+    @cached_property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The brokers `amqp_url` lists, in the order a process tries them."""
+        return split_urls(self.amqp_url)
+
+    @model_validator(mode="after")
+    def _cluster_consistent(self) -> Self:
+        """Several brokers are a cluster: unless told otherwise, every queue is replicated on
+        three of its nodes (RabbitMQ caps it at the cluster's size), so a retry tier or the
+        dead-letter queue is never lost with one node."""
+        if len(split_urls(self.amqp_url)) > 1 and self.quorum_initial_group_size is None:
+            self.quorum_initial_group_size = CLUSTER_GROUP_SIZE
+        return self
 
     def stage(self, name: StageName) -> StageSettings:
         """One stage's settings: `SLUICE_<STAGE>_*`, else the stage's, else Sluice's defaults."""
