@@ -9,6 +9,11 @@ delete writes its tombstone first and then deletes the chunks, and a write store
 first and then looks for a tombstone, removing what it stored if it finds one: if the write's
 look came before the tombstone, the chunks were committed before the delete began, and the
 delete removes them; otherwise the write sees the tombstone. Either way nothing is left.
+
+A chunk's `live` column says whether search may find it: a version of several batches is
+written pending and published by two commits, its chunks made live first and the other
+versions' removed after, so a search meanwhile finds both (briefly), never neither. Tables
+written before the column existed get it with every row live.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pyarrow as pa
 from contracts.errors import StorageFull, is_disk_full
 from contracts.messages import EmbeddedBatch
 from stages.backends.protocols import IndexHit
+from stages.backends.versions import Arrival, Version, completed_by, earlier_versions
 from stages.infra import memory
 
 _COMPACT_EVERY = 50
@@ -43,6 +49,8 @@ def _schema(dimensions: int) -> pa.Schema:
             pa.field("text", pa.string(), nullable=False),
             pa.field("keywords", pa.list_(pa.string())),
             pa.field("vector", pa.list_(pa.float32(), dimensions), nullable=False),
+            # Last, as in a table that got it by `_upgraded`.
+            pa.field("live", pa.bool_(), nullable=False),
         ]
     )
 
@@ -131,6 +139,7 @@ class LanceIndex:
             batches = [b for b in batches if b.document_id not in gone]
             if not batches:
                 return
+        live = self._completed(collection, batches)
         rows = [
             {
                 "chunk_id": c.chunk_id,
@@ -143,6 +152,7 @@ class LanceIndex:
                 "text": c.text,
                 "keywords": c.keywords,
                 "vector": c.vector,
+                "live": (b.document_id, b.job_id) in live,
             }
             for b in batches
             for c in b.chunks
@@ -183,6 +193,31 @@ class LanceIndex:
                 self._connect()
                 memory.give_back()
         self._undo_if_deleted(collection, {b.document_id for b in batches})
+
+    def _completed(self, collection: str, batches: Sequence[EmbeddedBatch]) -> set[Version]:
+        """The versions of `batches` that are complete once they are written."""
+        versions = earlier_versions(batches)
+        arrived: list[Arrival] = []
+        if versions and self._has_ledger():
+            documents = _quoted({d for d, _ in versions})
+            jobs = _quoted({j for _, j in versions})
+            # A stale read only counts too few batches: the version is then written pending
+            # and published after, as if this write had not completed it.
+            rows = (
+                self._ledger()
+                .search()
+                .where(
+                    f"collection = {_quote(collection)} AND document_id IN ({documents})"
+                    f" AND job_id IN ({jobs})"
+                )
+                .select(["document_id", "job_id", "batch_index"])
+                .limit(None)
+                .to_list()
+            )
+            arrived = [
+                (str(r["document_id"]), str(r["job_id"]), int(r["batch_index"])) for r in rows
+            ]
+        return completed_by(batches, arrived)
 
     def _undo_if_deleted(self, collection: str, documents: set[str]) -> None:
         """Remove what a write just stored for documents deleted while it was written."""
@@ -264,15 +299,30 @@ class LanceIndex:
         # Keys are unique per (document, job, batch index), so rows are distinct batches.
         return int(self._ledger().count_rows(where))
 
-    def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
-        """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
+    def publish_version(self, collection: str, document_id: str, job_id: str) -> None:
+        """Make a complete version's pending chunks searchable, then drop every other version
+        of the document (chunks and ledger rows)."""
         table = self._table(collection)
-        where = f"document_id = {_quote(document_id)} AND job_id != {_quote(job_id)}"
-        # A delete is a new table version even when it matches nothing: skip the common case.
-        if table is not None and table.count_rows(where):
-            with self._write_lock, self._full_disk_is_transient(collection):
-                table.delete(where)
-                self._forget_batches(collection, where)
+        if table is None:
+            return
+        document = f"document_id = {_quote(document_id)}"
+        pending = f"{document} AND job_id = {_quote(job_id)} AND NOT live"
+        others = f"{document} AND job_id != {_quote(job_id)}"
+        # An update or a delete is a new table version even when it matches nothing: skip
+        # the common case (a single batch, written live, replacing nothing).
+        published = False
+        with self._write_lock, self._full_disk_is_transient(collection):
+            # New live before old gone: a crash between the two leaves both searchable, and
+            # the redelivered batch that brings the stage back here removes the old one.
+            if table.count_rows(pending):
+                table.update(where=pending, values={"live": True})
+                published = True
+            if table.count_rows(others):
+                table.delete(others)
+                self._forget_batches(collection, others)
+        if published:
+            # An update rewrites rows: like a write, it looks for a tombstone once committed.
+            self._undo_if_deleted(collection, {document_id})
 
     def delete_document(self, collection: str, document_id: str) -> None:
         """Drop every chunk of a document for good: its tombstone first, then its chunks."""
@@ -295,26 +345,31 @@ class LanceIndex:
         if self._has_ledger():
             self._ledger().delete(f"collection = {_quote(collection)} AND {where}")
 
-    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
-        """The id of every stored chunk of a document (duplicates included, if any)."""
+    def chunk_ids(
+        self, collection: str, document_id: str, *, searchable_only: bool = False
+    ) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any), pending
+        ones too unless `searchable_only`."""
         table = self._table(collection)
         if table is None:
             return []
-        rows = (
-            table.search()
-            .where(f"document_id = {_quote(document_id)}")
-            .select(["chunk_id"])
-            .limit(None)
-            .to_list()
-        )
+        where = f"document_id = {_quote(document_id)}" + (" AND live" if searchable_only else "")
+        rows = table.search().where(where).select(["chunk_id"]).limit(None).to_list()
         return [str(r["chunk_id"]) for r in rows]
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
-        """The `k` chunks nearest to `vector`, best first (score is cosine similarity)."""
+        """The `k` live chunks nearest to `vector`, best first (score is cosine similarity)."""
         table = self._table(collection)
         if table is None:
             return []
-        rows = table.search(list(vector)).distance_type("cosine").limit(k).to_list()
+        # A prefilter (LanceDB's default): k live hits, not the live ones among k.
+        rows = (
+            table.search(list(vector))
+            .distance_type("cosine")
+            .where("live", prefilter=True)
+            .limit(k)
+            .to_list()
+        )
         return [
             IndexHit(
                 document_id=r["document_id"],
@@ -353,7 +408,10 @@ def _opened(db: Any, name: str) -> Any | None:
 
 
 def _upgraded(table: Any) -> Any:
-    """A table written by an older Sluice gets the columns added since (all empty)."""
+    """A table written by an older Sluice gets the columns added since: no keywords, and
+    every chunk live (what it was then: searchable)."""
     if "keywords" not in table.schema.names:
         table.add_columns(pa.field("keywords", pa.list_(pa.string())))
+    if "live" not in table.schema.names:
+        table.add_columns({"live": "true"})
     return table

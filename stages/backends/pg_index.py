@@ -20,6 +20,11 @@ chunks, not yet committed; so each transaction holds an advisory lock per docume
 writers and exclusive for the delete, until it ends. A write then commits entirely before a
 delete of the same document begins, and the delete removes its chunks, or it begins after the
 delete committed, and it sees the tombstone and stores nothing.
+
+A chunk's `live` column says whether search may find it: a version of several batches is
+written pending and published in one transaction (its chunks made live, the other versions'
+removed), so a search finds the old version or the new one, never both or neither. Rows
+written before the column existed are live (its default); new writes always set it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch
 from stages.backends.pg_schema import SchemaOnce, Step, lock_schema, migrate
 from stages.backends.protocols import IndexHit
+from stages.backends.versions import Arrival, Version, completed_by, earlier_versions
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +105,13 @@ _TOMBSTONES = """
     )
 """
 
+# A version's chunks are pending (not searchable) until its last batch is in. Existing rows
+# are live, as they were searchable before; adding a column with a constant default rewrites
+# no row.
+_LIVE = "ALTER TABLE sluice_chunks ADD COLUMN IF NOT EXISTS live boolean NOT NULL DEFAULT true"
+
 # Migration n takes the schema from version n - 1 to n; append, never edit a released step.
-MIGRATIONS: tuple[Step, ...] = (_version_1, _TOMBSTONES)
+MIGRATIONS: tuple[Step, ...] = (_version_1, _TOMBSTONES, _LIVE)
 
 # The first key of the advisory locks on documents (ASCII "doc" as an int), with a hash of the
 # document as the second: the two-key lock space never meets the schema lock's one-key space.
@@ -108,13 +119,13 @@ _DOCUMENT_LOCK_CLASS = 0x646F63
 
 _UPSERT_CHUNK = """
     INSERT INTO sluice_chunks (collection, chunk_id, document_id, job_id, filename,
-                               chunk_index, page, heading, text, keywords, embedding)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::vector)
+                               chunk_index, page, heading, text, keywords, embedding, live)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::vector, %s)
     ON CONFLICT (collection, chunk_id) DO UPDATE SET
         document_id = EXCLUDED.document_id, job_id = EXCLUDED.job_id,
         filename = EXCLUDED.filename, chunk_index = EXCLUDED.chunk_index,
         page = EXCLUDED.page, heading = EXCLUDED.heading, text = EXCLUDED.text,
-        keywords = EXCLUDED.keywords, embedding = EXCLUDED.embedding
+        keywords = EXCLUDED.keywords, embedding = EXCLUDED.embedding, live = EXCLUDED.live
 """
 _RECORD_BATCH = """
     INSERT INTO sluice_index_batches (collection, document_id, job_id, batch_index, batch_count)
@@ -283,24 +294,6 @@ class PgVectorIndex:
         chunks = {c.chunk_id: (b, c) for b in batches for c in b.chunks}
         for dimensions in {len(c.vector) for _, c in chunks.values()}:
             self.ensure_vector_index(dimensions)
-        # Sorted keys: two writers of overlapping rows lock them in one order, so they wait
-        # for each other instead of deadlocking.
-        rows = [
-            (
-                collection,
-                chunk_id,
-                b.document_id,
-                b.job_id,
-                b.filename,
-                c.chunk_index,
-                c.page,
-                c.heading,
-                c.text,
-                c.keywords,
-                _vector_text(c.vector),
-            )
-            for chunk_id, (b, c) in sorted(chunks.items())
-        ]
         arrived = sorted(
             {
                 (collection, b.document_id, b.job_id, b.batch_index): b.batch_count for b in batches
@@ -310,6 +303,26 @@ class PgVectorIndex:
             documents = {b.document_id for b in batches}
             _lock_documents(cur, collection, documents, shared=True)
             gone = self._deleted(cur, collection, documents)
+            live = completed_by(batches, self._arrived(cur, collection, earlier_versions(batches)))
+            # Sorted keys: two writers of overlapping rows lock them in one order, so they
+            # wait for each other instead of deadlocking.
+            rows = [
+                (
+                    collection,
+                    chunk_id,
+                    b.document_id,
+                    b.job_id,
+                    b.filename,
+                    c.chunk_index,
+                    c.page,
+                    c.heading,
+                    c.text,
+                    c.keywords,
+                    _vector_text(c.vector),
+                    (b.document_id, b.job_id) in live,
+                )
+                for chunk_id, (b, c) in sorted(chunks.items())
+            ]
             self._write(
                 cur,
                 [r for r in rows if r[2] not in gone],
@@ -329,6 +342,20 @@ class PgVectorIndex:
         # are in.
         if arrived:
             cur.executemany(_RECORD_BATCH, arrived)
+
+    @staticmethod
+    def _arrived(
+        cur: psycopg.Cursor[Any], collection: str, versions: set[Version]
+    ) -> list[Arrival]:
+        """The batches of these versions the ledger holds (and perhaps others: harmless)."""
+        if not versions:
+            return []
+        cur.execute(
+            "SELECT document_id, job_id, batch_index FROM sluice_index_batches"
+            " WHERE collection = %s AND document_id = ANY(%s) AND job_id = ANY(%s)",
+            (collection, sorted({d for d, _ in versions}), sorted({j for _, j in versions})),
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in cur.fetchall()]
 
     @staticmethod
     def _deleted(cur: psycopg.Cursor[Any], collection: str, documents: set[str]) -> set[str]:
@@ -355,14 +382,24 @@ class PgVectorIndex:
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
-        """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
-        # The caller has every batch of `job_id` in; one transaction then drops the old
-        # version's chunks and ledger rows together, so a search sees the old version or the
-        # new one, never neither, and a crash leaves no ledger row without its chunks.
-        with self._connection() as conn:
+    def publish_version(self, collection: str, document_id: str, job_id: str) -> None:
+        """Make a complete version's pending chunks searchable and drop every other version
+        of the document (chunks and ledger rows), in one transaction."""
+        # The caller has every batch of `job_id` in; one transaction then makes its chunks
+        # live and drops the old version's chunks and ledger rows, so a search sees the old
+        # version or the new one, never neither or both, and a crash leaves no ledger row
+        # without its chunks.
+        with self._connection() as conn, conn.cursor() as cur:
+            # As a writer: a delete of the document runs wholly before or after this, so the
+            # two never wait on each other's rows (a deadlock).
+            _lock_documents(cur, collection, {document_id}, shared=True)
+            cur.execute(
+                "UPDATE sluice_chunks SET live = true WHERE collection = %s"
+                " AND document_id = %s AND job_id = %s AND NOT live",
+                (collection, document_id, job_id),
+            )
             for table in ("sluice_chunks", "sluice_index_batches"):
-                conn.execute(
+                cur.execute(
                     sql.SQL(
                         "DELETE FROM {} WHERE collection = %s AND document_id = %s AND job_id <> %s"
                     ).format(sql.Identifier(table)),
@@ -387,22 +424,26 @@ class PgVectorIndex:
                     (collection, document_id),
                 )
 
-    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
-        """The id of every stored chunk of a document (duplicates included, if any)."""
+    def chunk_ids(
+        self, collection: str, document_id: str, *, searchable_only: bool = False
+    ) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any), pending
+        ones too unless `searchable_only`."""
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT chunk_id FROM sluice_chunks WHERE collection = %s AND document_id = %s",
+                "SELECT chunk_id FROM sluice_chunks WHERE collection = %s AND document_id = %s"
+                + (" AND live" if searchable_only else ""),
                 (collection, document_id),
             ).fetchall()
         return [str(r[0]) for r in rows]
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
-        """The `k` chunks nearest to `vector`, best first (score is cosine similarity)."""
+        """The `k` live chunks nearest to `vector`, best first (score is cosine similarity)."""
         query = _dimension_sql(
             "SELECT document_id, filename, chunk_id, chunk_index, page, text, keywords,"
             " (embedding::vector({n})) <=> %s::vector({n}) AS distance"
             " FROM sluice_chunks"
-            " WHERE collection = %s AND vector_dims(embedding) = {n}"
+            " WHERE collection = %s AND vector_dims(embedding) = {n} AND live"
             " ORDER BY distance LIMIT %s",
             len(vector),
         )

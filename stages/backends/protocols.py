@@ -71,6 +71,10 @@ class VectorIndex(Protocol):
 
     A document version (job) is complete in the index when every one of its batches has
     been written (`batches_done`), whatever a stage did to the number of chunks per batch.
+    Until then its chunks are pending: stored, so a retried batch can still complete the
+    version, but not searchable, so a version that fails half way is never half found.
+    `publish_version` makes a complete version searchable and drops the older ones; chunks
+    written before this distinction existed count as searchable.
 
     A delete wins: `delete_document` leaves a durable tombstone, and no batch of the document
     written before, during or after it is left stored, whichever process writes it and in
@@ -80,15 +84,18 @@ class VectorIndex(Protocol):
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
         """Insert or replace the chunks of several batches by chunk id, in one write, and
         record each batch as arrived (an empty batch too); batches of a deleted document are
-        dropped: neither stored nor recorded."""
+        dropped: neither stored nor recorded. Chunks of a version this write completes (one
+        of a single batch, or its last batches) are stored searchable, others pending."""
         ...
 
     def batches_done(self, collection: str, document_id: str, job_id: str) -> int:
         """How many distinct batches of this version (job) of a document were written."""
         ...
 
-    def remove_other_versions(self, collection: str, document_id: str, job_id: str) -> None:
-        """Drop a document's chunks written by any job but `job_id` (a replaced version)."""
+    def publish_version(self, collection: str, document_id: str, job_id: str) -> None:
+        """Make the pending chunks of a complete version (job) of a document searchable, then
+        drop the chunks and ledger rows of every other version of it (a replaced one): a
+        search finds the old version until the new one is whole, never neither."""
         ...
 
     def delete_document(self, collection: str, document_id: str) -> None:
@@ -101,11 +108,15 @@ class VectorIndex(Protocol):
         ...
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
-        """The `k` chunks nearest to `vector`, best first (score: cosine similarity)."""
+        """The `k` searchable chunks nearest to `vector`, best first (score: cosine
+        similarity); pending chunks are never among them."""
         ...
 
-    def chunk_ids(self, collection: str, document_id: str) -> list[str]:
-        """The id of every stored chunk of a document (duplicates included, if any)."""
+    def chunk_ids(
+        self, collection: str, document_id: str, *, searchable_only: bool = False
+    ) -> list[str]:
+        """The id of every stored chunk of a document (duplicates included, if any), pending
+        ones too unless `searchable_only`."""
         ...
 
 

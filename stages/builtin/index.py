@@ -1,8 +1,11 @@
-"""Index: embedded batches → LanceDB, upserted by chunk id.
+"""Index: embedded batches → the vector index, upserted by chunk id.
 
-When every batch of a new version is in, the previous version's chunks are removed, so a
-replaced document is searchable without a gap and never twice. Completion counts batches,
-not chunks: a stage before this one may have dropped or added chunks in any batch.
+A version's chunks are stored pending (not searchable) until every batch of it is in; then
+the version is published: its chunks become searchable and the previous version's are
+removed, so a replaced document is searchable without a gap, and a version that fails half
+way (a batch dead-lettered) is never half searchable, while a retry of its failed batch can
+still complete it. Completion counts batches, not chunks: a stage before this one may have
+dropped or added chunks in any batch.
 
 A delete wins: the batches of a document deleted while they were on their way are dropped by
 the index itself (its tombstone, stages/backends/protocols.py `VectorIndex`), so they end
@@ -60,8 +63,8 @@ async def startup(settings: Settings) -> IndexContext:
 
 
 def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
-    """Upsert batches (one write per collection); once every batch of a version is in, drop
-    the older versions."""
+    """Upsert batches (one write per collection); once every batch of a version is in,
+    publish it (searchable, and the older versions dropped)."""
     for collection in {b.collection for b in batches}:
         try:
             index.upsert(collection, [b for b in batches if b.collection == collection])
@@ -80,7 +83,9 @@ def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
         if index.batches_done(b.collection, b.document_id, b.job_id) >= b.batch_count
     }
     for collection, document_id, job_id in complete:
-        index.remove_other_versions(collection, document_id, job_id)
+        # Also when this write already stored the version searchable: a redelivered last
+        # batch, or a crash after the write, must still see the old version removed.
+        index.publish_version(collection, document_id, job_id)
     return [None] * len(batches)
 
 

@@ -3,6 +3,8 @@ job is indexed, rejections fail the job at once with a reason."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -10,7 +12,12 @@ import pytest
 from broker import BrokerHandle
 from documents import make_markdown
 from fakes.embeddings_server import FakeEmbeddingsServer
+from invariants import chunks_left_by
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
+
+from contracts.messages import chunk_id
+from faults.conftest import PipelineFactory
+from stages.backends.factory import open_index
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +109,48 @@ async def test_a_rejected_input_fails_the_job_without_retries(
     assert "HTTP 400" in error["message"] and REJECT_MARKER in error["message"]
     assert job["stages"]["embed"]["attempts"] == 1
     assert fake.rejected == 1
+
+
+async def test_a_rejected_batch_fails_its_document_and_leaves_none_of_it_searchable(
+    pipelines: PipelineFactory, server: FakeEmbeddingsServer, fake: FakeEmbeddingsServer
+) -> None:
+    # A chunk a message: a document of several chunks is several batches.
+    pipeline = pipelines(
+        SLUICE_EMBED_URL=server.url, SLUICE_TRANSIENT_RETRIES="0", SLUICE_CHUNKS_PER_MESSAGE="1"
+    )
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=30) as api:
+        await _a_rejected_batch_leaves_nothing_searchable(api, fake, pipeline)
+
+
+async def _a_rejected_batch_leaves_nothing_searchable(
+    api: httpx.AsyncClient, fake: FakeEmbeddingsServer, pipeline: Pipeline
+) -> None:
+    fake.reject_marker = REJECT_MARKER
+    sections = {
+        f"Part {n}": f"Section {n} is about tidal pools and the life in them." for n in range(4)
+    }
+    sections["Part 2"] += f" It carries {REJECT_MARKER}."
+    job_id = await upload(api, "partly.md", make_markdown("Partly", sections), "partial")
+    job = await wait_for_job(api, job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "embedding_rejected", job
+    total = job["progress"]["chunks_total"]
+    assert total >= 4, job
+    # A chunk a batch: every batch but the rejected one reaches the index, after the job
+    # failed as well as before. Once they are all in, none of them may be found.
+    index = open_index(pipeline.settings())
+    deadline = time.monotonic() + 60
+    while index.batches_done("partial", job["document_id"], job_id) < total - 1:
+        assert time.monotonic() < deadline, f"the other batches never reached the index: {job}"
+        await asyncio.sleep(0.1)
+    left = chunks_left_by(index, job)
+    assert not left, f"the failed version is half searchable: {left}"
+    hits = await api.get("/v1/search", params={"q": "tidal pools", "collection": "partial"})
+    assert hits.status_code == 200 and hits.json()["results"] == [], hits.text
+
+    # They are kept, though: a retry of the rejected batch completes the version.
+    fake.reject_marker = None
+    assert (await api.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
+    job = await wait_for_job(api, job_id)
+    assert job["status"] == "indexed", job
+    mine = {chunk_id(job["document_id"], job["blob_sha256"], i) for i in range(total)}
+    assert set(index.chunk_ids("partial", job["document_id"], searchable_only=True)) == mine

@@ -1,6 +1,7 @@
-"""A new version of a document (PUT) that succeeds: searched while it is half indexed, the
-document is always found (old or new chunks, never neither); once it is indexed, only the new
-version's chunks are left.
+"""A new version of a document (PUT) that succeeds: searched while it is half indexed, only the
+old version is found (the new one's batches are pending until its last is in), and the
+document is always found, never neither; once it is indexed, only the new version's chunks
+are left.
 
 The index stage runs behind a gate (tests/fakes/gated_stage.py): the new version's first batch
 is written at once, the others wait until the test has searched the half-replaced document.
@@ -87,8 +88,10 @@ async def test_a_replacement_is_found_all_along_and_leaves_only_the_new_version(
         job = (await api.get(f"/v1/jobs/{job_id}")).json()
         assert job["status"] == "indexing", job
         half = {hit["chunk_id"] for hit in await search(api, "versions")}
-        # Both versions are found, side by side, until the new one is whole.
-        assert half & ids_of(old) and half & ids_of(job), half
+        # The new version's first batch is stored, but only the old version is found until
+        # the new one is whole: a search never mixes a version that may yet fail.
+        assert set(index.chunk_ids("versions", document)) & ids_of(job), half
+        assert half == ids_of(old), half
 
         gate.touch()
         # Searched all along the rest of the way: never a moment without the document.

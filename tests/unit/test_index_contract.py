@@ -115,32 +115,90 @@ def test_batches_done_counts_distinct_batches_an_empty_one_too(index: VectorInde
     assert index.batches_done("default", "d2", "j1") == 0
 
 
-def test_remove_other_versions_keeps_only_that_jobs_chunks_and_ledger(
+def test_publish_version_keeps_only_that_jobs_chunks_and_ledger(
     index: VectorIndex,
 ) -> None:
     index.upsert("default", [batch([chunk("old0"), chunk("old1")], job="j1")])
     index.upsert("default", [batch([chunk("other")], job="j1", document="d2")])
     index.upsert("default", [batch([chunk("new0")], job="j2", count=2)])
     index.upsert("default", [batch([], job="j2", index=1, count=2)])
-    index.remove_other_versions("default", "d1", "j2")
+    index.publish_version("default", "d1", "j2")
     assert index.chunk_ids("default", "d1") == ["new0"]
+    assert index.chunk_ids("default", "d1", searchable_only=True) == ["new0"]
     assert index.batches_done("default", "d1", "j1") == 0
     assert index.batches_done("default", "d1", "j2") == 2
     # Another document's version with the same job id is not touched.
     assert index.chunk_ids("default", "d2") == ["other"]
     assert index.batches_done("default", "d2", "j1") == 1
-    index.remove_other_versions("default", "d1", "j2")  # again: nothing left to drop
+    index.publish_version("default", "d1", "j2")  # again: nothing left to do
     assert index.chunk_ids("default", "d1") == ["new0"]
+    assert sorted(h.chunk_id for h in index.search("default", at_angle(0), k=5)) == [
+        "new0",
+        "other",
+    ]
 
 
 def test_the_index_stage_swaps_a_version_once_every_batch_is_in(index: VectorIndex) -> None:
     write(index, [batch([chunk("old0", at_angle(0))], job="j1")])
     write(index, [batch([chunk("new0", at_angle(10))], job="j2", index=0, count=2)])
-    # The new version is not whole yet: the old one stays searchable.
+    # The new version is not whole yet: it is stored, pending, and only the old one is found.
     assert sorted(index.chunk_ids("default", "d1")) == ["new0", "old0"]
+    assert index.chunk_ids("default", "d1", searchable_only=True) == ["old0"]
+    assert [h.chunk_id for h in index.search("default", at_angle(0), k=5)] == ["old0"]
     write(index, [batch([chunk("new1", at_angle(20))], job="j2", index=1, count=2)])
     assert sorted(index.chunk_ids("default", "d1")) == ["new0", "new1"]
+    assert sorted(index.chunk_ids("default", "d1", searchable_only=True)) == ["new0", "new1"]
     assert [h.chunk_id for h in index.search("default", at_angle(0), k=5)] == ["new0", "new1"]
+
+
+def found(index: VectorIndex, document: str = "d1") -> list[str]:
+    """The chunk ids of a document that a search finds, sorted."""
+    hits = index.search("default", at_angle(0), k=50)
+    return sorted(h.chunk_id for h in hits if h.document_id == document)
+
+
+def test_a_versions_batches_are_not_searchable_until_its_last_batch_is_in(
+    index: VectorIndex,
+) -> None:
+    write(index, [batch([chunk("c0")], index=0, count=3)])
+    write(index, [batch([chunk("c2")], index=2, count=3)])
+    assert found(index) == []
+    assert index.chunk_ids("default", "d1", searchable_only=True) == []
+    assert sorted(index.chunk_ids("default", "d1")) == ["c0", "c2"]  # kept for the last one
+    write(index, [batch([chunk("c1")], index=1, count=3)])
+    assert found(index) == ["c0", "c1", "c2"]
+    # A batch redelivered once its version is published stays searchable.
+    write(index, [batch([chunk("c0")], index=0, count=3)])
+    assert found(index) == ["c0", "c1", "c2"]
+    # Every batch of a version in one write: searchable at once.
+    write(index, [batch([chunk(f"e{i}")], index=i, count=2, document="d2") for i in range(2)])
+    assert found(index, "d2") == ["e0", "e1"]
+
+
+def test_a_version_that_never_completes_leaves_nothing_searchable_until_a_retry_does(
+    index: VectorIndex,
+) -> None:
+    write(index, [batch([chunk("old0")], job="j1")])
+    # Batch 1 of the new version failed for good (dead-lettered); the others were written.
+    write(index, [batch([chunk("new0")], job="j2", index=0, count=3)])
+    write(index, [batch([chunk("new2")], job="j2", index=2, count=3)])
+    assert found(index) == ["old0"]
+    assert index.chunk_ids("default", "d1", searchable_only=True) == ["old0"]
+    assert index.batches_done("default", "d1", "j2") == 2
+    # A retry of the failed batch completes the version: it replaces the old one.
+    write(index, [batch([chunk("new1")], job="j2", index=1, count=3)])
+    assert found(index) == ["new0", "new1", "new2"]
+    assert sorted(index.chunk_ids("default", "d1")) == ["new0", "new1", "new2"]
+    assert index.batches_done("default", "d1", "j1") == 0
+
+
+def test_a_pending_version_of_a_deleted_document_is_dropped_with_it(index: VectorIndex) -> None:
+    write(index, [batch([chunk("c0")], index=0, count=2)])
+    index.delete_document("default", "d1")
+    assert index.chunk_ids("default", "d1") == []
+    write(index, [batch([chunk("c1")], index=1, count=2)])
+    assert index.chunk_ids("default", "d1") == []
+    assert found(index) == []
 
 
 def test_delete_document_drops_its_chunks_and_ledger_only(index: VectorIndex) -> None:
@@ -229,6 +287,66 @@ def test_chunk_ids_lists_every_chunk_of_a_document(index: VectorIndex) -> None:
     )
     assert sorted(index.chunk_ids("default", "d1")) == [f"c{i}" for i in range(5)]
     assert index.chunk_ids("default", "d2") == []
+
+
+# Chunks stored before pending versions existed were all searchable, and stay so.
+
+
+def assert_legacy_chunk_is_searchable(index: VectorIndex) -> None:
+    """The legacy chunk `c0` of d1 is found, and the index takes versions as usual after."""
+    assert found(index) == ["c0"]
+    assert index.chunk_ids("default", "d1", searchable_only=True) == ["c0"]
+    write(index, [batch([chunk("n0")], job="j2", index=0, count=2)])
+    assert found(index) == ["c0"]
+    write(index, [batch([chunk("n1")], job="j2", index=1, count=2)])
+    assert found(index) == ["n0", "n1"]
+
+
+def test_lance_chunks_of_a_table_without_the_live_column_are_searchable(tmp_path: Path) -> None:
+    import lancedb
+    import pyarrow as pa
+
+    from stages.backends import lance_index
+
+    old = pa.schema([f for f in lance_index._schema(DIMENSIONS) if f.name != "live"])
+    db = lancedb.connect(tmp_path / "index")
+    row = {
+        "chunk_id": "c0",
+        "document_id": "d1",
+        "job_id": "j1",
+        "filename": "d1.pdf",
+        "chunk_index": 0,
+        "page": 1,
+        "heading": None,
+        "text": "text of c0",
+        "keywords": None,
+        "vector": at_angle(0),
+    }
+    db.create_table("chunks_default", data=pa.Table.from_pylist([row], schema=old))
+    assert_legacy_chunk_is_searchable(LanceIndex(tmp_path / "index"))
+
+
+def test_pg_chunks_stored_before_the_live_column_are_searchable(
+    postgres: PostgresHandle,
+) -> None:
+    from stages.backends.pg_schema import migrate
+
+    url = postgres.database()
+    with psycopg.connect(url) as db:
+        migrate(db, "index", MIGRATIONS[:2])
+        db.execute(
+            "INSERT INTO sluice_chunks (collection, chunk_id, document_id, job_id, filename,"
+            " chunk_index, page, heading, text, keywords, embedding)"
+            " VALUES ('default', 'c0', 'd1', 'j1', 'd1.pdf', 0, 1, NULL, 'text of c0', NULL,"
+            " %s::vector)",
+            (str(at_angle(0)),),
+        )
+    pg = PgVectorIndex(url)
+    try:
+        assert pg.schema_version == len(MIGRATIONS)
+        assert_legacy_chunk_is_searchable(pg)
+    finally:
+        pg.close()
 
 
 # What only PostgreSQL has: several processes sharing one database, and a server to lose.
@@ -404,7 +522,7 @@ def test_a_new_version_of_a_deleted_document_does_not_bring_it_back(
     gateway.delete_document("default", DOC)
     # The new version's last batch: once "every batch is in" it would swap versions.
     write(stage, [doc_batch(["new1"], 1, 2, job=NEW_JOB)])
-    stage.remove_other_versions("default", DOC, NEW_JOB)
+    stage.publish_version("default", DOC, NEW_JOB)
     assert_gone(stage, JOB, NEW_JOB)
 
 
