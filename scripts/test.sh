@@ -42,5 +42,8 @@ run_step "ruff check" .venv/bin/ruff check .
 run_step "ruff format --check" .venv/bin/ruff format --check .
 run_step "mypy" .venv/bin/mypy
 run_step "import-linter" .venv/bin/lint-imports
-run_step "pytest" .venv/bin/pytest "$@"
+# Two workers, each taking whole files (a module's pipeline stays in one worker, with its own
+# RabbitMQ node): most tests wait on real processes, so two run in about the time of one.
+# SLUICE_TEST_WORKERS=0 runs them in this process, one after another.
+run_step "pytest" .venv/bin/pytest -n "${SLUICE_TEST_WORKERS:-2}" --dist loadfile "$@"
 echo "==> all steps passed"
