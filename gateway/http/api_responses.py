@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway.http.boundary import STATE_CHANGING
+from gateway.http.boundary import PROBES, STATE_CHANGING
 from gateway.http.schemas import UploadAnswer
 
 
@@ -137,7 +137,6 @@ KEYED: Responses = errors({401: "unauthorized"})
 # What the boundary (gateway/http/boundary.py, body_limits.py) answers before a route runs:
 # a Host that names another server (every path but the probes), a browser's state-changing
 # request from another origin (a gateway without keys), a body too large or too slow.
-_PROBES = frozenset({"/healthz", "/readyz"})
 _FOREIGN_HOST = {421: ["host_not_allowed"]}
 _FOREIGN_ORIGIN = {403: ["cross_origin_refused"]}
 _UPLOAD_TOO_LARGE = {413: ["file_too_large"], 408: ["body_timeout"]}
@@ -201,7 +200,7 @@ def _correct(schema: dict[str, Any]) -> None:
 def _boundary(path: str, method: str, operation: dict[str, Any]) -> dict[int, list[str]]:
     """The boundary's answers to one operation, by status."""
     answers: dict[int, list[str]] = {}
-    if path not in _PROBES:
+    if path not in PROBES:
         answers |= _FOREIGN_HOST
     if method.upper() in STATE_CHANGING:
         answers |= _FOREIGN_ORIGIN

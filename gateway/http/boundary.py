@@ -30,7 +30,7 @@ from gateway.http.services import UNAUTHORIZED_MESSAGE, key_access, parse_api_ke
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # What probes ask by the address they dial (a kubelet: the pod's IP); they carry nothing.
-_PROBES = frozenset({"/healthz", "/readyz"})
+PROBES = frozenset({"/healthz", "/readyz"})
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -85,7 +85,7 @@ class HostGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check the Host header, then pass the request on."""
-        if scope["type"] == "http" and self.allowed is not None and scope["path"] not in _PROBES:
+        if scope["type"] == "http" and self.allowed is not None and scope["path"] not in PROBES:
             # A request without Host (HTTP/1.0) comes from no browser, the only party that
             # rebinding tricks; every browser sends one.
             host = Headers(scope=scope).get("host")

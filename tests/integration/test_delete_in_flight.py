@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -46,11 +46,7 @@ def pipeline(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> 
         stop_pipeline(running)
 
 
-@pytest.fixture
-async def api(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the pipeline's gateway."""
-    async with httpx.AsyncClient(base_url=pipeline.url, timeout=30) as client:
-        yield client
+# `api` (tests/integration/conftest.py) is a client of this module's pipeline.
 
 
 async def wait_until(
