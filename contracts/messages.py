@@ -7,7 +7,7 @@ messages carry their sha256 (claim-check). Chunk batches and their vectors ride 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -41,6 +41,21 @@ MEDIA_TYPE_PATTERN = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+
 DELIVERY_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\.[0-9]{1,9}$"
 
 
+class IndexProfile(BaseModel):
+    """How one generation of a collection is built: its chunk sizes and its embedding model.
+
+    A field left out (None) means the deployment's setting (`SLUICE_CHUNK_MAX_TOKENS`,
+    `SLUICE_CHUNK_OVERLAP_TOKENS`, the packaged model); a reindex names what it changes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_max_tokens: int | None = Field(None, ge=16, le=8192)
+    chunk_overlap_tokens: int | None = Field(None, ge=0, le=4096)
+    # The packaged model's name, or a sentence-transformers directory on the stage's host.
+    model: str | None = Field(None, min_length=1, max_length=1024)
+
+
 class Message(BaseModel):
     """What every data-plane message carries: who it belongs to and its schema version."""
 
@@ -53,12 +68,17 @@ class Message(BaseModel):
     filename: str = Field(min_length=1, max_length=FILENAME_MAX_CHARS)
     # The lane the job's work travels in, at every stage (contracts/routing.py).
     priority: Lane = INTERACTIVE
+    # The generation of the collection's index this work builds (contracts/generations.py):
+    # 0 until a collection is first re-indexed; a reindex builds the next one beside it.
+    generation: int = Field(0, ge=0, le=MAX_COUNT)
+    # How that generation chunks and embeds; None: the deployment's settings.
+    profile: IndexProfile | None = None
 
     def unit(self) -> tuple[int, int, int]:
         """(batch index, batch count, chunks) of this message within its document's work."""
         return (0, 1, 0)
 
-    def envelope(self) -> dict[str, str]:
+    def envelope(self) -> dict[str, Any]:
         """The fields every message of this job carries on to the next hop."""
         return {
             "job_id": self.job_id,
@@ -66,6 +86,8 @@ class Message(BaseModel):
             "collection": self.collection,
             "filename": self.filename,
             "priority": self.priority,
+            "generation": self.generation,
+            "profile": self.profile,
         }
 
 
