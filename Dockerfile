@@ -15,6 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     SLUICE_DATA_DIR=/data
 
+# OCR of scans and images (the parse stage): Tesseract runs in process from the tesserocr
+# wheel; its English model is Debian's.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tesseract-ocr-eng \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /app

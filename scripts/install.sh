@@ -10,7 +10,8 @@ TORCH_VERSION=2.13.0
 
 find_python() {
   local candidate
-  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+  # 3.13 last: RapidOCR (the second OCR engine, a dev dependency) has no wheel for it yet.
+  for candidate in "${PYTHON:-}" python3.12 python3.11 python3.13 python3; do
     [[ -n "$candidate" ]] || continue
     command -v "$candidate" >/dev/null 2>&1 || continue
     if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -33,6 +34,27 @@ elif ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))';
   echo "install.sh: $VENV uses $("$VENV/bin/python" -V 2>&1); Sluice needs 3.11+." >&2
   echo "install.sh: remove $VENV and re-run" >&2
   exit 1
+fi
+
+# OCR (scans and images) runs Tesseract in process (the tesserocr wheel bundles the library)
+# with Debian's English model, a system package: checked on every run, since it lives outside
+# the venv. Not needed with SLUICE_OCR=false or SLUICE_OCR_ENGINE=rapidocr (a wheel).
+ocr=${SLUICE_OCR:-true}
+if [[ "${ocr,,}" != false && "${ocr}" != 0 && "${SLUICE_OCR_ENGINE:-tesseract}" == tesseract ]] &&
+  [[ -z "$(find /usr/share/tesseract-ocr -name eng.traineddata 2>/dev/null)" ]]; then
+  sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || {
+      echo "install.sh: OCR needs tesseract-ocr-eng (apt); run as root, install it," >&2
+      echo "install.sh: or set SLUICE_OCR=false" >&2
+      exit 1
+    }
+    sudo=(sudo)
+  fi
+  echo "install.sh: installing tesseract-ocr-eng (apt)"
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    tesseract-ocr-eng >/dev/null
 fi
 
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

@@ -25,6 +25,9 @@ ensure_packages() {
   command -v rabbitmqctl >/dev/null || [[ -x /usr/sbin/rabbitmqctl ]] || missing+=(rabbitmq-server)
   command -v amqp-publish >/dev/null || missing+=(amqp-tools)
   [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+  # OpenCV, under the second OCR engine (RapidOCR), loads libGL and GLib.
+  ldconfig -p | grep -q 'libGL\.so\.1' || missing+=(libgl1)
+  ldconfig -p | grep -q 'libglib-2\.0\.so\.0' || missing+=(libglib2.0-0)
   ((${#missing[@]} == 0)) && return 0
   local sudo=()
   if [[ $(id -u) -ne 0 ]]; then
