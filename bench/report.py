@@ -53,6 +53,8 @@ class Results:
     search: dict[str, SearchLatency] | None = None
     # In-process handler time of the stages that take chunk batches (enrich, embed).
     chunk_rates: dict[str, ChunkRate] | None = None
+    # bench/ocr_compare.py's rows: one per document, OCR engine and DPI.
+    ocr: list[dict[str, object]] | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
     # Per phase: CPU seconds of the benchmark and of everything else on this (shared) machine.
     phase_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -267,6 +269,20 @@ def rows(r: Results) -> list[Row]:
                 f"{latency.build_s:.0f} s)",
             )
         )
+    for document in dict.fromkeys(str(x["document"]) for x in r.ocr or []):
+        out.append(
+            Row(
+                "10",
+                f"OCR of {document} pages, one core, one thread (recall of the known words, "
+                "pages/s, peak RSS)",
+                "; ".join(
+                    f"{x['engine']} {x['dpi']} DPI: {x['word_recall']}, {x['pages_per_s']}/s, "
+                    f"{x['peak_rss_mb']} MB"
+                    for x in r.ocr or []
+                    if x["document"] == document
+                ),
+            )
+        )
     return out
 
 
@@ -476,6 +492,8 @@ def as_json(r: Results) -> dict[str, Any]:
         }
     if r.search is not None:
         out["search"] = {backend: asdict(latency) for backend, latency in r.search.items()}
+    if r.ocr is not None:
+        out["ocr"] = r.ocr
     return out
 
 

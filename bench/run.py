@@ -23,6 +23,7 @@ from bench.cpu import PhaseMeter
 from bench.inproc import chunk_rates
 from bench.inrequest import in_request
 from bench.lanes import lanes
+from bench.ocr_compare import compare as ocr_compare
 from bench.overhead import overhead
 from bench.prepare import prepare
 from bench.raw_model import measure
@@ -41,6 +42,7 @@ PHASES = (
     "saturated",
     "lanes",
     "search",
+    "ocr",
 )
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
@@ -210,6 +212,9 @@ def main() -> None:
             )
         if "search" in phases:
             r.search = timed(r, "search", lambda: search_latency(args.search_chunks))
+        if "ocr" in phases:
+            # Scanned pages: each OCR engine at each DPI, one core (bench/ocr_compare.py).
+            r.ocr = timed(r, "ocr", lambda: ocr_compare(max(2, round(6 * args.scale))))
     r.load_after = load_average()
     r.total_s = time.monotonic() - started
     write(r, args.out)

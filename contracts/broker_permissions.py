@@ -91,8 +91,10 @@ def roles(namespace: str, pipeline: Pipeline) -> tuple[RolePermissions, ...]:
     stages = []
     for spec in pipeline.processes:
         output = pipeline.output_key(spec.name)
+        # A stage that fans out (parse: a scan's page ranges) writes to its own queue too.
+        outputs = [*([output] if output else []), *([spec.input_key] if spec.fans_out else [])]
         own = [
-            *([_lanes([output])] if output else []),
+            *([_lanes(outputs)] if outputs else []),
             f"job\\.{re.escape(spec.name)}\\.({kinds})",
             f"worker\\.{re.escape(spec.name)}",
         ]

@@ -14,6 +14,7 @@ from contracts.messages import (
     SCHEMA_VERSION,
     ChunkBatch,
     DocumentParsed,
+    DocumentUploaded,
     Id,
     Message,
     Sha256,
@@ -139,16 +140,31 @@ def progress(stage: StageName, msg: Message, outputs: Sequence[Message], attempt
     parsed = next((o for o in outputs if isinstance(o, DocumentParsed)), None)
     total = next((o.chunks_total for o in outputs if isinstance(o, ChunkBatch)), None)
     language = next((o.language for o in outputs if isinstance(o, ChunkBatch) and o.language), None)
-    return of_message(
-        stage,
-        msg,
-        "progress",
-        attempt,
-        pages=parsed.pages if parsed else None,
-        chunks_total=total,
-        parsed_sha256=parsed.parsed_sha256 if parsed else None,
-        language=language,
-    )
+    facts: dict[str, object] = {
+        "pages": parsed.pages if parsed else None,
+        "chunks_total": total,
+        "parsed_sha256": parsed.parsed_sha256 if parsed else None,
+        "language": language,
+    }
+    if isinstance(msg, DocumentUploaded):
+        facts.update(_pages_read(msg, outputs, parsed))
+    return of_message(stage, msg, "progress", attempt, **facts)
+
+
+def _pages_read(
+    msg: DocumentUploaded, outputs: Sequence[Message], parsed: DocumentParsed | None
+) -> dict[str, object]:
+    """A parse counts pages read where other stages count chunks, so a job shows how far OCR
+    got. The parse that splits a scan into n page ranges is unit 0 of n + 1 (each range is one
+    more, `DocumentUploaded.unit`), and reads the pages that have a text layer."""
+    ranges = [o.ocr_range for o in outputs if isinstance(o, DocumentUploaded) and o.ocr_range]
+    if ranges and msg.ocr_range is None:
+        total = ranges[0].pages_total
+        to_read = sum(len(r.pages) for r in ranges)
+        return {"batch_count": ranges[0].count + 1, "pages": total, "chunks": total - to_read}
+    if msg.ocr_range is None and parsed is not None:
+        return {"chunks": parsed.pages or 0}
+    return {}
 
 
 def retrying(stage: StageName, msg: Message, error: JobError, attempt: int) -> JobEvent:

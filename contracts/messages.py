@@ -91,12 +91,52 @@ class Message(BaseModel):
         }
 
 
+class PageRange(BaseModel):
+    """Pages of a scanned document for one parse worker to read with OCR.
+
+    The parse of a document whose pages lack text splits them into `count` ranges and sends
+    each back to the parse queue, so several workers read a big scan at once; the worker that
+    reads the last missing range puts the document together (stages/builtin/parse.py).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(ge=0, lt=MAX_COUNT)
+    count: int = Field(ge=1, le=MAX_COUNT)
+    # 1-based page numbers to read, in order.
+    pages: list[int] = Field(min_length=1, max_length=10_000)
+    # Every page of the document, read or not.
+    pages_total: int = Field(ge=1, le=MAX_COUNT)
+    # The `ParsedDocument` of the pages that have a text layer (None: there are none).
+    text_sha256: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _within_its_ranges(self) -> Self:
+        if self.index >= self.count:
+            raise ValueError(f"range index {self.index} is not below range count {self.count}")
+        if any(not 1 <= page <= self.pages_total for page in self.pages):
+            raise ValueError(f"a page of {self.pages} is outside 1..{self.pages_total}")
+        return self
+
+
 class DocumentUploaded(Message):
-    """An upload accepted by the gateway; its bytes are in the blob store."""
+    """An upload accepted by the gateway; its bytes are in the blob store.
+
+    With `ocr_range`, it is one range of a scanned document's pages to read with OCR.
+    """
 
     blob_sha256: Sha256
     content_type: str = Field(pattern=MEDIA_TYPE_PATTERN)
     size_bytes: int = Field(ge=1, le=MAX_UPLOAD_SIZE_BYTES)
+    ocr_range: PageRange | None = None
+
+    def unit(self) -> tuple[int, int, int]:
+        """The split of a scan is unit 0 of its parse, and range i is unit i + 1; the third
+        figure counts pages read (the job shows them), not chunks."""
+        if self.ocr_range is None:
+            return (0, 1, 0)
+        r = self.ocr_range
+        return (r.index + 1, r.count + 1, len(r.pages))
 
 
 class DocumentParsed(Message):

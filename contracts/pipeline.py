@@ -75,6 +75,9 @@ class StageSpec:
     # Quick in-process retries of a transient error before a retry tier; None means
     # `SLUICE_TRANSIENT_RETRIES`.
     transient_retries: int | None = None
+    # Whether outputs of its own input type go back to its own queue, so several of its
+    # workers share one document: parse sends the page ranges of a scan to be read with OCR.
+    fans_out: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(STAGE_NAME_PATTERN, self.name):
@@ -97,6 +100,7 @@ PARSE = StageSpec(
     prefetch=2,
     concurrency=1,
     metrics_port=9101,
+    fans_out=True,
 )
 CHUNK = StageSpec(
     "chunk",
@@ -226,6 +230,14 @@ class Pipeline:
         """The routing key a stage publishes its outputs with (the next stage's input)."""
         following = self.next_of(name)
         return following.input_key if following else None
+
+    def key_of_output(self, name: str, output: Message) -> str | None:
+        """Where one output of stage `name` goes: back to its own queue for work it fans out
+        (`StageSpec.fans_out`), else to the next stage."""
+        spec = self.spec(name)
+        if spec.fans_out and isinstance(output, spec.consumes):
+            return spec.input_key
+        return self.output_key(name)
 
     def stage_of_key(self, routing_key: str) -> str | None:
         """The stage whose queue a routing key feeds."""

@@ -182,6 +182,16 @@ class Settings(BaseSettings):
     # A parse worker that still holds more than this after a document is replaced by a fresh one.
     parse_worker_recycle_mb: int = Field(160, ge=64)
     max_pdf_pages: int = Field(2000, ge=1)
+
+    # Scans and images: pages without a text layer are read with OCR (stages/formats/ocr.py);
+    # off, image uploads are refused and such pages are left out.
+    ocr: bool = True
+    ocr_engine: Literal["tesseract", "rapidocr"] = "tesseract"
+    # A scan's pages are read in ranges of this many, each by whichever parse worker is free.
+    ocr_pages_per_range: int = Field(8, ge=1, le=1000)
+    # Limits on reading one page (each page is rendered, read and released on its own).
+    ocr_page_timeout_s: float = Field(60.0, gt=0)
+    ocr_page_memory_mb: int = Field(1024, ge=128)
     max_docx_uncompressed_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_html_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_text_chars: int = Field(20_000_000, ge=1)

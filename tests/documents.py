@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from docx import Document
 from fpdf import FPDF
+from PIL import Image
 
 _NAV_LINKS = [
     "Home",
@@ -140,6 +141,14 @@ def make_png() -> bytes:
     )
 
 
+def make_gif() -> bytes:
+    """A valid 1x1 GIF: an image type Sluice does not read, even with OCR on."""
+    return (
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00"
+        b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    )
+
+
 # A mixed corpus: one document of every supported type, each with a sentence to search for.
 PDF_PAGE_2 = "Arctic terns migrate from pole to pole every single year."
 DOCX_SENTENCE = "The quarterly audit found that warehouse inventory was overstated."
@@ -219,3 +228,111 @@ def make_docx_bomb(uncompressed_bytes: int) -> bytes:
                 left -= len(block)
             part.write(end + tail)
     return buffer.getvalue()
+
+
+# Scans and images for OCR: each page carries one sentence that only it has.
+OCR_SENTENCES = (
+    "The purple walrus sleeps on page one.",
+    "A silver kettle whistles on page two.",
+    "The orange heron nests on page three.",
+    "Seven copper lanterns glow on page four.",
+)
+# What the scans are made at: small (A6) pages at this resolution keep OCR tests quick.
+SCAN_DPI = 150
+_A6_MM = (105, 148)
+
+
+def make_text_pdf_pages(pages: list[str]) -> bytes:
+    """A PDF of small (A6) pages in 14 pt text, one per string: quick to render and OCR."""
+    pdf = FPDF(format=_A6_MM)
+    pdf.set_creation_date(datetime(2024, 1, 1, tzinfo=UTC))
+    pdf.set_font("Helvetica", size=14)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 8, text)
+    return bytes(pdf.output())
+
+
+def render_pdf_pages(pdf: bytes, dpi: int) -> list[Image.Image]:
+    """Every page of `pdf` rendered to a grey image at `dpi`."""
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(pdf)
+    images = []
+    try:
+        for index in range(len(document)):
+            page = document[index]
+            bitmap = page.render(scale=dpi / 72, grayscale=True)
+            # to_pil shares the bitmap's memory, which close() frees: keep a copy.
+            images.append(bitmap.to_pil().copy())
+            bitmap.close()
+            page.close()
+    finally:
+        document.close()
+    return images
+
+
+def make_scanned_pdf(pdf: bytes) -> bytes:
+    """An image-only PDF (no text layer) whose pages are pictures of `pdf`'s pages."""
+    first, *rest = render_pdf_pages(pdf, SCAN_DPI)
+    buffer = io.BytesIO()
+    # At the resolution they were rendered at, the pages keep their size on paper.
+    first.save(buffer, format="PDF", save_all=True, append_images=rest, resolution=SCAN_DPI)
+    return buffer.getvalue()
+
+
+def make_png_of_page(pdf: bytes, page: int) -> bytes:
+    """A PNG picture of page `page` (1-based) of `pdf`."""
+    buffer = io.BytesIO()
+    render_pdf_pages(pdf, SCAN_DPI)[page - 1].save(buffer, format="PNG", dpi=(SCAN_DPI, SCAN_DPI))
+    return buffer.getvalue()
+
+
+def make_tiff_of_pages(pdf: bytes, *, bilevel: bool = False) -> bytes:
+    """A multi-page TIFF of `pdf`'s pages: grey, or black and white in CCITT G4 like a fax."""
+    images = render_pdf_pages(pdf, SCAN_DPI)
+    if bilevel:
+        images = [image.convert("1") for image in images]
+    first, *rest = images
+    buffer = io.BytesIO()
+    first.save(
+        buffer,
+        format="TIFF",
+        save_all=True,
+        append_images=rest,
+        compression="group4" if bilevel else "tiff_deflate",
+        dpi=(SCAN_DPI, SCAN_DPI),
+    )
+    return buffer.getvalue()
+
+
+def make_mixed_pdf(pages: list[str], scanned: set[int]) -> bytes:
+    """A PDF of `pages` (A6, 14 pt) where the page numbers (1-based) in `scanned` are images.
+
+    The other pages keep their text layer, as a document that was part typed, part scanned.
+    """
+    pictures = render_pdf_pages(make_text_pdf_pages(pages), SCAN_DPI)
+    pdf = FPDF(format=_A6_MM)
+    pdf.set_creation_date(datetime(2024, 1, 1, tzinfo=UTC))
+    pdf.set_font("Helvetica", size=14)
+    for number, text in enumerate(pages, 1):
+        pdf.add_page()
+        if number in scanned:
+            png = io.BytesIO()
+            pictures[number - 1].save(png, format="PNG")
+            pdf.image(png, x=0, y=0, w=pdf.w, h=pdf.h)
+        else:
+            pdf.multi_cell(0, 8, text)
+    return bytes(pdf.output())
+
+
+def make_png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is `width` x `height` (a decompression bomb) but holds one row."""
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(row))
+        + _png_chunk(b"IEND", b"")
+    )

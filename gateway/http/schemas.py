@@ -21,6 +21,8 @@ class Progress(BaseModel):
     """How far a job got, in units a person understands."""
 
     pages: int | None = None
+    # Pages read so far, from a text layer or with OCR: `pages` once parsing is done.
+    pages_read: int = 0
     chunks_total: int | None = None
     chunks_embedded: int = 0
     chunks_indexed: int = 0

@@ -106,7 +106,7 @@ async def accept(
         if size == 0:
             raise ApiError(400, "empty_file", f"{filename} is empty; nothing to ingest.")
         try:
-            content_type = await asyncio.to_thread(sniff, staged)
+            content_type = await asyncio.to_thread(sniff, staged, images=services.settings.ocr)
         except Permanent as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise ApiError(status, exc.code, f"{filename}: {exc}") from exc

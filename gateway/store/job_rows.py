@@ -55,6 +55,7 @@ def job_of(
         status=row["status"],
         progress=Progress(
             pages=row["pages"],
+            pages_read=counts.get(pipeline.first.name) or 0,
             chunks_total=row["chunks_total"],
             chunks_embedded=counts.get("embed") or 0,
             chunks_indexed=counts.get("index") or 0,

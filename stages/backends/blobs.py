@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from contracts.errors import StorageFull, Transient, is_disk_full
+from stages.backends.protocols import check_note_name
 
 
 class LocalBlobStore:
@@ -20,6 +21,7 @@ class LocalBlobStore:
         self._root = root
         self._staging = root / "staging"
         self._staging.mkdir(parents=True, exist_ok=True)
+        self._notes = root / "notes"
 
     def _path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -116,3 +118,22 @@ class LocalBlobStore:
     def delete(self, sha256: str) -> None:
         """Remove a blob if present."""
         self._path(sha256).unlink(missing_ok=True)
+
+    def put_note(self, name: str, data: bytes) -> None:
+        """Store `data` under `name`, replacing what was there (renamed into place whole)."""
+        target = self._notes / check_note_name(name)
+        with self._full_disk_is_transient(name), self._temporary() as temporary:
+            temporary.write_bytes(data)
+            self._notes.mkdir(exist_ok=True)
+            os.replace(temporary, target)
+
+    def read_note(self, name: str) -> bytes | None:
+        """The note's bytes, or None if there is none."""
+        try:
+            return (self._notes / check_note_name(name)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete_note(self, name: str) -> None:
+        """Remove a note if present."""
+        (self._notes / check_note_name(name)).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ a vector database) plugs in behind the same names.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,6 +15,16 @@ from pathlib import Path
 from typing import Protocol
 
 from contracts.messages import EmbeddedBatch
+
+# A note's name: a short token, never a path.
+NOTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,199}$"
+
+
+def check_note_name(name: str) -> str:
+    """`name` if it can name a note; `ValueError` otherwise."""
+    if not re.fullmatch(NOTE_NAME_PATTERN, name) or ".." in name:
+        raise ValueError(f"not a note name: {name!r}")
+    return name
 
 
 class BlobStore(Protocol):
@@ -49,6 +60,20 @@ class BlobStore(Protocol):
 
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
+        ...
+
+    # Notes: small blobs under a name the writer chooses, for work that several workers
+    # share (the page ranges of a scan read with OCR); written whole or not at all.
+    def put_note(self, name: str, data: bytes) -> None:
+        """Store `data` under `name` (`NOTE_NAME_PATTERN`), replacing what was there."""
+        ...
+
+    def read_note(self, name: str) -> bytes | None:
+        """The note's bytes, or None if there is none."""
+        ...
+
+    def delete_note(self, name: str) -> None:
+        """Remove a note if present."""
         ...
 
 

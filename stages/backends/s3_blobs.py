@@ -30,6 +30,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from contracts.errors import SluiceError, StorageFull, Transient, is_disk_full
+from stages.backends.protocols import check_note_name
 
 MiB = 1024 * 1024
 
@@ -160,6 +161,33 @@ class S3BlobStore:
         key = self.key(sha256)
         with self._translated():
             self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def note_key(self, name: str) -> str:
+        """The object key of a note; `ValueError` if `name` cannot name one."""
+        key = f"notes/{check_note_name(name)}"
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_note(self, name: str, data: bytes) -> None:
+        """Store `data` under `name`, replacing what was there (a PUT is atomic in S3)."""
+        with self._translated():
+            self._client.put_object(Bucket=self.bucket, Key=self.note_key(name), Body=data)
+
+    def read_note(self, name: str) -> bytes | None:
+        """The note's bytes, or None if there is none."""
+        with self._translated():
+            try:
+                answer = self._client.get_object(Bucket=self.bucket, Key=self.note_key(name))
+            except ClientError as exc:
+                if _code(exc) in NOT_FOUND:
+                    return None
+                raise
+            data: bytes = answer["Body"].read()
+        return data
+
+    def delete_note(self, name: str) -> None:
+        """Remove a note if present."""
+        with self._translated():
+            self._client.delete_object(Bucket=self.bucket, Key=self.note_key(name))
 
     def ping(self) -> None:
         """Raise `Transient` if the bucket cannot be reached with these credentials."""

@@ -15,15 +15,36 @@ from stages.formats.encoding import normalise_newlines
 from stages.formats.limits import DEFAULT_LIMITS, Limits, TextBudget
 
 # PDFium is not thread-safe; callers may run parsers in threads (the stage uses processes).
-_PDFIUM_LOCK = threading.Lock()
+PDFIUM_LOCK = threading.Lock()
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufffe\uffff]")
 _PASSWORD_ERRORS = frozenset({pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY})
 
 
+# A page whose text layer has fewer characters than this has none worth using (a scan may
+# carry a stray page number or a watermark): with OCR on, it is read from its image.
+MIN_TEXT_LAYER_CHARS = 3
+
+
 def parse_pdf(path: pathlib.Path, limits: Limits = DEFAULT_LIMITS) -> tuple[int, list[Section]]:
     """(page count, one section per page that has text); `Permanent` for bad or too big PDFs."""
-    with _PDFIUM_LOCK:
-        document = _open(path)
+    page_count, kept, _ = read_text_layer(path, limits)
+    if not kept:
+        raise Permanent(
+            f"The PDF has {page_count} page(s) but no extractable text, so it is probably a "
+            "scanned image; turn OCR on (SLUICE_OCR=true) or run it through OCR (e.g. "
+            "ocrmypdf), and upload it again.",
+            code="no_text",
+        )
+    return page_count, kept
+
+
+def read_text_layer(
+    path: pathlib.Path, limits: Limits = DEFAULT_LIMITS
+) -> tuple[int, list[Section], list[int]]:
+    """(page count, the sections of pages with text, the 1-based pages without a usable text
+    layer); `Permanent` for bad or too big PDFs."""
+    with PDFIUM_LOCK:
+        document = open_pdf(path)
         try:
             page_count = len(document)
             _check_pages(page_count, limits)
@@ -37,13 +58,8 @@ def parse_pdf(path: pathlib.Path, limits: Limits = DEFAULT_LIMITS) -> tuple[int,
         finally:
             document.close()
     kept = [section for section in sections if section.text.strip()]
-    if not kept:
-        raise Permanent(
-            f"The PDF has {page_count} page(s) but no extractable text, so it is probably a "
-            "scanned image; run it through OCR (e.g. ocrmypdf) and upload the result.",
-            code="no_text",
-        )
-    return page_count, kept
+    blank = [s.page or 0 for s in sections if len(s.text.strip()) < MIN_TEXT_LAYER_CHARS]
+    return page_count, kept, blank
 
 
 def _check_pages(page_count: int, limits: Limits) -> None:
@@ -55,7 +71,9 @@ def _check_pages(page_count: int, limits: Limits) -> None:
         )
 
 
-def _open(path: pathlib.Path) -> pdfium.PdfDocument:
+def open_pdf(path: pathlib.Path) -> pdfium.PdfDocument:
+    """The PDF at `path`, opened; `Permanent` for an encrypted or unreadable one (callers hold
+    `PDFIUM_LOCK`)."""
     try:
         return pdfium.PdfDocument(path)
     except pdfium.PdfiumError as exc:
@@ -88,10 +106,12 @@ def _page_section(document: pdfium.PdfDocument, index: int) -> Section:
             "Re-export it and upload it again.",
             code="unreadable_pdf",
         ) from exc
-    return Section(text=_clean(text), page=index + 1)
+    return Section(text=clean_text(text), page=index + 1)
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+    """Text as Sluice stores it: newlines normalised, stray control characters and trailing
+    spaces gone."""
     # Text layers carry stray control characters that only add noise to embeddings.
     text = _CONTROL.sub("", normalise_newlines(text))
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()

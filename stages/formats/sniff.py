@@ -43,8 +43,20 @@ _INLINE_MARKUP = re.compile(r"(\*\*|__)\S[^\n]*?\1|`[^`\n]+`")
 _MIN_LIST_ITEMS = 3
 
 
-def sniff(path: pathlib.Path) -> str:
-    """The content type of the file at `path`, from its bytes; `Permanent` if unsupported."""
+_IMAGES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", media.PNG),
+    (b"\xff\xd8\xff", media.JPEG),
+    (b"II*\x00", media.TIFF),
+    (b"MM\x00*", media.TIFF),
+)
+
+
+def sniff(path: pathlib.Path, *, images: bool = True) -> str:
+    """The content type of the file at `path`, from its bytes; `Permanent` if unsupported.
+
+    `images`: whether PNG, JPEG and TIFF are taken (they are read with OCR, so only while
+    it is on); otherwise they are refused with a sentence that says so.
+    """
     with path.open("rb") as file:
         head = file.read(HEAD_BYTES)
         complete = not file.read(1)
@@ -56,6 +68,16 @@ def sniff(path: pathlib.Path) -> str:
         return media.PDF
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _sniff_zip(path)
+    for magic, image_type in _IMAGES:
+        if head.startswith(magic):
+            if images:
+                return image_type
+            raise Permanent(
+                f"The uploaded file is a {media.NAMES[image_type]}, which Sluice reads only with "
+                "OCR, and OCR is off here (SLUICE_OCR=false); upload "
+                f"{media.SUPPORTED_NAMES_WITHOUT_OCR}, or ask the operator to turn OCR on.",
+                code="unsupported_media_type",
+            )
     text = decode_text(head, final=complete)
     if text is None:
         raise _unsupported(_describe_binary(head))

@@ -25,6 +25,9 @@ HANDLER_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 CHUNKS = Counter("sluice_chunks_processed", "Chunks in the messages a stage handled.", ["stage"])
+OCR_PAGES = Counter(
+    "sluice_ocr_pages", "Pages a parse process read with OCR (scans and images).", ["engine"]
+)
 EMBED_BATCH_SIZE = Histogram(
     "sluice_embed_batch_size",
     "Texts per embedding model call.",

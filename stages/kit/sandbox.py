@@ -61,10 +61,17 @@ class Sandbox:
         memory_mb: int | None = None,
         recycle_mb: int | None = None,
         preload: Sequence[str] = (),
+        work: str = "Parsing the document",
+        timeout_setting: str = "SLUICE_PARSE_TIMEOUT_S",
+        memory_setting: str = "SLUICE_PARSE_MEMORY_MB",
     ) -> None:
         self.size = workers
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        # How its errors name the work and the settings that limit it.
+        self.work = work
+        self.timeout_setting = timeout_setting
+        self.memory_setting = memory_setting
         self.recycle_mb = recycle_mb
         self._preload = tuple(preload)
         self._context = multiprocessing.get_context("spawn")
@@ -209,8 +216,8 @@ class Sandbox:
 
     def _timed_out(self) -> Permanent:
         return Permanent(
-            f"Parsing the document took longer than {self.timeout_s:g}s "
-            "(SLUICE_PARSE_TIMEOUT_S) and was stopped; the file is too large or too complex. "
+            f"{self.work} took longer than {self.timeout_s:g}s "
+            f"({self.timeout_setting}) and was stopped; the file is too large or too complex. "
             "Split it into smaller files, or re-export it (e.g. print it to PDF), and upload "
             "them.",
             code="parse_timeout",
@@ -219,7 +226,7 @@ class Sandbox:
     def _out_of_memory(self) -> Permanent:
         limit = f"{self.memory_mb:,} MB" if self.memory_mb else "the memory available"
         return Permanent(
-            f"Parsing the document needed more than {limit} (SLUICE_PARSE_MEMORY_MB) and was "
+            f"{self.work} needed more than {limit} ({self.memory_setting}) and was "
             "stopped; the file is too large or built to exhaust memory. Split it into smaller "
             "files and upload them.",
             code="parse_memory_exceeded",

@@ -188,7 +188,9 @@ def broken_contract(spec: StageSpec, msg: Message, outputs: Sequence[Message]) -
     produces = spec.produces
     if produces is None and outputs:
         return _contract(spec, f"returned {len(outputs)} message(s) but declares it produces none")
-    wrong = next((o for o in outputs if produces and not isinstance(o, produces)), None)
+    # A stage that fans out also hands work of its own input type back to its own queue.
+    made = (produces, spec.consumes) if produces and spec.fans_out else produces
+    wrong = next((o for o in outputs if made and not isinstance(o, made)), None)
     if wrong is not None and produces is not None:
         return _contract(
             spec,

@@ -89,7 +89,6 @@ class StageRunner:
         }
         self.queue_name = self.queues[routing.INTERACTIVE]
         self.tuned = settings.stage(stage.name)
-        self.output_key = settings.pipeline.output_key(stage.name)
         self.settler = Settler(broker, settings, stage.name)
         self.announcer = Announcer(broker, stage.name)
         self.layers: tuple[Layer, ...] = (

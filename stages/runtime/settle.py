@@ -52,7 +52,7 @@ class Settler:
         self.stage = stage
         self.namespace = settings.namespace
         self.first_delay_s = settings.stage(stage).retry_delays_s[0]
-        self.output_key = settings.pipeline.output_key(stage)
+        self.pipeline = settings.pipeline
         self.input_key = settings.pipeline.spec(stage).input_key
 
     async def settle(self, ctx: DeliveryContext, outcome: Outcome) -> Outcome:
@@ -84,7 +84,10 @@ class Settler:
             # confirmed beside outputs the broker refused only runs ahead of the retry that
             # publishes them again (units count once).
             await asyncio.gather(
-                *(self.broker.publish(out, self.output_key) for out in outputs),
+                *(
+                    self.broker.publish(out, self.pipeline.key_of_output(self.stage, out))
+                    for out in outputs
+                ),
                 self.broker.publish(outcome.event),
             )
         elif isinstance(outcome, Retry):

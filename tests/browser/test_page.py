@@ -23,11 +23,11 @@ from documents import (
     MD_SENTENCE,
     PDF_PAGE_2,
     make_docx,
+    make_gif,
     make_html,
     make_image_only_pdf,
     make_markdown,
     make_pdf,
-    make_png,
 )
 from fakes.otlp_receiver import FakeOtlpReceiver
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
@@ -206,7 +206,7 @@ async def test_an_unsupported_file_shows_its_reason_and_the_rest_carry_on(
     page: Page, sluice: Pipeline
 ) -> None:
     async with httpx.AsyncClient(base_url=sluice.url) as api:
-        refused = await api.post("/v1/documents", files={"file": ("scan.pdf", make_png())})
+        refused = await api.post("/v1/documents", files={"file": ("scan.pdf", make_gif())})
     assert refused.status_code == 415
     reason = refused.json()["error"]["message"]
 
@@ -214,7 +214,7 @@ async def test_an_unsupported_file_shows_its_reason_and_the_rest_carry_on(
     await drop(
         page,
         {
-            "scan.pdf": make_png(),
+            "scan.pdf": make_gif(),
             "bread.md": make_markdown("Bread", {"Method": MD_SENTENCE}),
         },
     )

@@ -13,10 +13,10 @@ from documents import (
     make_corrupt_pdf,
     make_docx_bomb,
     make_encrypted_pdf,
+    make_gif,
     make_image_only_pdf,
     make_many_page_pdf,
     make_markdown,
-    make_png,
 )
 from invariants import assert_nothing_lost
 from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
@@ -62,7 +62,7 @@ async def test_files_refused_at_the_door_leave_no_job(api: httpx.AsyncClient) ->
     before = await job_count(api)
     cases = [
         ("empty.pdf", b"", 400, "empty_file"),
-        ("photo.pdf", make_png(), 415, "unsupported_media_type"),
+        ("photo.pdf", make_gif(), 415, "unsupported_media_type"),
         ("big.txt", b"a" * (MAX_UPLOAD_BYTES + 1), 413, "file_too_large"),
     ]
     for name, data, status, code in cases:

@@ -99,8 +99,9 @@ async def test_each_role_runs_under_its_own_user_and_publishes_only_its_own(
 
         main = routing.exchange(namespace)
         refused = [
-            ("parse", main, routing.DOC_UPLOADED),
-            ("parse", main, routing.lane_key(routing.DOC_UPLOADED, routing.BULK)),
+            # Parse hands a scan's page ranges to its own queue; no other stage may.
+            ("chunk", main, routing.DOC_UPLOADED),
+            ("chunk", main, routing.lane_key(routing.DOC_UPLOADED, routing.BULK)),
             ("parse", main, routing.DOC_EMBEDDED),
             ("parse", main, routing.job_event_key("index", "progress")),
             ("parse", main, routing.heartbeat_key("embed")),

@@ -33,7 +33,7 @@ def test_ingest_a_folder_then_search_it(pipeline: Pipeline, tmp_path: Path) -> N
 def test_ingest_reports_failures_and_exits_1(pipeline: Pipeline, tmp_path: Path) -> None:
     (tmp_path / "good.md").write_text("# Good\n\nKelp forests shelter sea otters from storms.\n")
     (tmp_path / "scan.pdf").write_bytes(make_image_only_pdf())
-    (tmp_path / "photo.pdf").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    (tmp_path / "photo.pdf").write_bytes(b"GIF89a" + b"\x00" * 64)
 
     ingest = run_sluice(pipeline, "ingest", str(tmp_path), "--collection", "cli-failures")
     assert ingest.returncode == 1, ingest.stdout + ingest.stderr

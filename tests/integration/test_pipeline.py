@@ -15,9 +15,9 @@ from documents import (
     MD_SENTENCE,
     PDF_PAGE_2,
     corpus,
+    make_gif,
     make_image_only_pdf,
     make_markdown,
-    make_png,
 )
 from pipeline import MAX_UPLOAD_BYTES, Pipeline, wait_for_job
 
@@ -113,7 +113,7 @@ async def test_rejected_uploads_leave_no_job(api: httpx.AsyncClient) -> None:
 
     before = await job_count()
     cases = [
-        ("picture.pdf", make_png(), "default", 415, "unsupported_media_type"),
+        ("picture.pdf", make_gif(), "default", 415, "unsupported_media_type"),
         ("empty.txt", b"", "default", 400, "empty_file"),
         ("big.txt", b"a" * (MAX_UPLOAD_BYTES + 1), "default", 413, "file_too_large"),
         ("ok.txt", b"fine text", "Not A Collection!", 400, "invalid_collection"),

@@ -169,7 +169,8 @@ async def test_stage_counters_add_up_to_the_jobs(
     assert batches > len(indexed), [j["progress"] for j in indexed]
 
     urls = {stage: f"http://127.0.0.1:{port}/metrics" for stage, port in metrics_ports.items()}
-    expected_consumed = {"parse": n, "chunk": n - 1, "embed": batches, "index": batches}
+    # Parse takes the scan twice: its first read sends its one page to OCR, as a range.
+    expected_consumed = {"parse": n + 1, "chunk": n - 1, "embed": batches, "index": batches}
     scraped: dict[str, Samples] = {}
     for stage, url in urls.items():
         try:
@@ -180,8 +181,9 @@ async def test_stage_counters_add_up_to_the_jobs(
             pytest.fail(f"stage {stage} serves no metrics at {url}: {exc!r}")
 
     parse = scraped["parse"]
-    assert value(parse, "sluice_messages_consumed_total", stage="parse") == n
-    assert value(parse, "sluice_messages_succeeded_total", stage="parse") == n - 1
+    assert value(parse, "sluice_messages_consumed_total", stage="parse") == n + 1
+    assert value(parse, "sluice_messages_succeeded_total", stage="parse") == n
+    assert value(parse, "sluice_ocr_pages_total", engine="tesseract") == 1
     assert value(parse, "sluice_messages_dead_lettered_total", stage="parse", code="no_text") == 1
     assert total(parse, "sluice_messages_dead_lettered_total", stage="parse") == 1
     for stage in ("chunk", "embed", "index"):

@@ -160,6 +160,24 @@ def test_a_bad_digest_is_a_value_error(store: BlobStore, digest: str, tmp_path: 
     assert staged.exists()  # a refused adopt leaves the file to its owner
 
 
+def test_notes_are_written_whole_replaced_and_deleted(store: BlobStore) -> None:
+    assert store.read_note("ocr-j1-x-0-of-2") is None
+    store.put_note("ocr-j1-x-0-of-2", b"one")
+    store.put_note("ocr-j1-x-0-of-2", b"two")
+    assert store.read_note("ocr-j1-x-0-of-2") == b"two"
+    store.delete_note("ocr-j1-x-0-of-2")
+    store.delete_note("ocr-j1-x-0-of-2")  # deleting again is harmless
+    assert store.read_note("ocr-j1-x-0-of-2") is None
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "UPPER", "a..b", "x" * 201])
+def test_a_note_name_is_never_a_path(store: BlobStore, name: str) -> None:
+    with pytest.raises(ValueError):
+        store.put_note(name, b"x")
+    with pytest.raises(ValueError):
+        store.read_note(name)
+
+
 def test_ping(store: BlobStore) -> None:
     store.ping()
 

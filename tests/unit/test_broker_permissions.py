@@ -53,8 +53,9 @@ def test_every_role_may_declare_the_whole_topology() -> None:
         ),
         (
             "parse",
-            ["doc.parsed", "doc.parsed.bulk", "job.parse.failed", "worker.parse"],
-            ["doc.uploaded", "doc.chunked", "job.chunk.progress", "worker.embed", "job.parse.x"],
+            # doc.uploaded: the page ranges of a scan, handed to its own workers.
+            ["doc.parsed", "doc.parsed.bulk", "doc.uploaded", "job.parse.failed", "worker.parse"],
+            ["doc.chunked", "job.chunk.progress", "worker.embed", "job.parse.x", "doc.uploadedx"],
         ),
         ("index", ["job.index.progress", "worker.index"], ["doc.embedded", "doc.uploaded"]),
         ("webhook", ["job.webhook.failed", "worker.webhook"], ["notify.webhook", "doc.parsed"]),

@@ -80,14 +80,34 @@ def test_sniff_reads_the_bytes_not_the_name(
     ],
     ids=["png-named-pdf", "xlsx-zip", "elf", "random"],
 )
-def test_sniff_rejects_binary_with_an_actionable_message(
+def test_sniff_rejects_binary_with_an_actionable_message_when_ocr_is_off(
     tmp_path: pathlib.Path, name: str, data: bytes, detected: str
 ) -> None:
     with pytest.raises(Permanent) as caught:
-        sniff(write(tmp_path, name, data))
+        sniff(write(tmp_path, name, data), images=False)
     assert caught.value.code == "unsupported_media_type"
     assert detected in caught.value.message
     assert "PDF" in caught.value.message  # names what would have been accepted
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n", "image/png"),
+        (b"\xff\xd8\xff\xe0", "image/jpeg"),
+        (b"II*\x00", "image/tiff"),
+        (b"MM\x00*", "image/tiff"),
+    ],
+    ids=["png", "jpeg", "tiff-le", "tiff-be"],
+)
+def test_images_are_sniffed_from_their_bytes_while_ocr_is_on(
+    tmp_path: pathlib.Path, head: bytes, expected: str
+) -> None:
+    path = write(tmp_path, "scan.pdf", head + bytes(range(256)) * 4)
+    assert sniff(path) == expected
+    with pytest.raises(Permanent) as caught:
+        sniff(path, images=False)
+    assert "SLUICE_OCR" in caught.value.message
 
 
 def test_sniff_empty_file(tmp_path: pathlib.Path) -> None:

@@ -50,6 +50,7 @@ async def _parse(settings: Settings, data: bytes, content_type: str) -> Document
             **ENVELOPE, blob_sha256=sha, content_type=content_type, size_bytes=len(data)
         )
         (out,) = await parse.handle(msg, ctx)
+        assert isinstance(out, DocumentParsed), out
         return out
     finally:
         await parse.STAGE.shutdown(ctx)
