@@ -187,6 +187,24 @@ class SluiceClient:
         results: list[dict[str, Any]] = body["results"]
         return results
 
+    async def collection(self, name: str) -> dict[str, Any]:
+        """One collection: documents, chunks, serving generation and settings, its reindex."""
+        body: dict[str, Any] = (await self._request("GET", f"/v1/collections/{name}")).json()
+        return body
+
+    async def start_reindex(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Start re-indexing a collection with the settings given; the reindex (202)."""
+        response = await self._request("POST", f"/v1/collections/{name}/reindex", json=settings)
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def cancel_reindex(self, name: str) -> dict[str, Any]:
+        """Cancel a collection's reindex; the reindex, now cancelled."""
+        body: dict[str, Any] = (
+            await self._request("DELETE", f"/v1/collections/{name}/reindex")
+        ).json()
+        return body
+
     async def pipeline(self) -> dict[str, Any]:
         """Every stage's lanes, rates and workers (`GET /v1/pipeline`)."""
         body: dict[str, Any] = (await self._request("GET", "/v1/pipeline")).json()

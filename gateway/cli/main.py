@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from contracts.errors import SluiceError
 from gateway.cli import dlq as dlq_cli
+from gateway.cli import reindex as reindex_cli
 
 if TYPE_CHECKING:
     from contracts.settings import Settings
@@ -132,6 +133,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         priority=args.priority,
     )
+
+
+def _cmd_reindex(args: argparse.Namespace) -> int:
+    return reindex_cli.run_reindex(args, args.url or _default_url())
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -298,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw every SECONDS (2 if not given) until Ctrl-C",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    reindex_cli.configure(
+        add(
+            "reindex",
+            _cmd_reindex,
+            parents=[common],
+            help="re-index a collection with new chunk sizes or model, and follow it",
+        ),
+        _positive_int,
+    )
 
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
     dlq_cli.configure(dlq, common, lambda args: args.url or _default_url(), _process_names())

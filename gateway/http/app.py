@@ -16,6 +16,7 @@ from gateway.http.admission import Admitter
 from gateway.http.body_limits import BodyLimits
 from gateway.http.boundary import HostGate, KeyGate, OriginGate
 from gateway.http.pipeline_monitor import PipelineMonitor
+from gateway.http.reindex_monitor import ReindexMonitor
 from gateway.http.republisher import Republisher
 from gateway.http.routes import (
     api_docs,
@@ -26,6 +27,7 @@ from gateway.http.routes import (
     ops,
     page,
     pipeline,
+    reindex,
     search,
 )
 from gateway.http.services import Services, refuse_open_exposure
@@ -55,9 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
             broker=broker,
         )
         app.state.services = services
-        tracker = Tracker(
-            broker, services.store, services.changes, on_job_end=services.admissions.set
-        )
+        tracker = Tracker(broker, services.store, services.changes, on_job_end=services.job_ended)
         # Worker heartbeats and queue samples for GET /v1/pipeline.
         monitor = PipelineMonitor(broker, settings)
         app.state.pipeline_monitor = monitor
@@ -71,6 +71,8 @@ def create_app(settings: Settings) -> FastAPI:
         admitter = Admitter(services)
         # Finished jobs' webhooks, handed to the webhook stage.
         webhooks = WebhookDispatcher(services)
+        # Reindexes moved on: their documents sent through, the switch, old generations dropped.
+        reindexes = ReindexMonitor(services)
 
         async def connect_and_track() -> None:
             await broker.connect(wait_s=math.inf)
@@ -79,7 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("gateway connected to RabbitMQ and tracking jobs")
             # What a dead gateway recorded but never got confirmed, this one sends again;
             # beside it, the webhooks of jobs that ended, and held jobs let in as room frees.
-            await asyncio.gather(republisher.run(), webhooks.run(), admitter.run())
+            await asyncio.gather(republisher.run(), webhooks.run(), admitter.run(), reindexes.run())
 
         # The gateway serves (and answers 503 to uploads) while the broker is away, so it
         # starts without one; /readyz says when it is ready.
@@ -116,7 +118,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(KeyGate, settings=settings)
     app.add_middleware(OriginGate, settings=settings)
     app.add_middleware(HostGate, settings=settings)
-    for module in (documents, jobs, collections, dead_letters, search, ops, page, pipeline):
+    for module in (
+        documents,
+        jobs,
+        collections,
+        reindex,
+        dead_letters,
+        search,
+        ops,
+        page,
+        pipeline,
+    ):
         app.include_router(module.router)
     return app
 

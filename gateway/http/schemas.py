@@ -88,6 +88,11 @@ class Job(BaseModel):
     admitted_at: datetime | None = None
     queue: QueuePlace = Field(default_factory=QueuePlace)
     webhook: WebhookState | None = None
+    # Set on the jobs of a reindex (POST /v1/collections/{c}/reindex): they re-index a
+    # document's version into a new generation and are no version of it themselves.
+    reindex_id: str | None = None
+    # The generation of the collection's index the job writes (contracts/generations.py).
+    generation: int = 0
 
 
 class SearchHit(BaseModel):

@@ -164,22 +164,33 @@ class Services:
     # Rung when a held job may have its turn (one was recorded, or a job ended), so the
     # admitter (gateway/http/admission.py) looks at once instead of at its next round.
     admissions: asyncio.Event = field(default_factory=asyncio.Event)
+    # Rung when a reindex may move on (one started, or a job ended), so the reindex monitor
+    # (gateway/http/reindex_monitor.py) looks at once.
+    reindexes: asyncio.Event = field(default_factory=asyncio.Event)
     api_keys: tuple[ApiKey, ...] = field(init=False)
-    _embedder: Embedder | None = None
+    _embedders: dict[str | None, Embedder] = field(default_factory=dict)
     _embedder_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         # Parsed once, at start-up, so a malformed value stops the gateway before it serves.
         self.api_keys = parse_api_keys(self.settings.api_keys)
 
-    async def embedder(self) -> Embedder:
-        """The query embedder, loaded on first search so the gateway starts fast."""
-        async with self._embedder_lock:
-            if self._embedder is None:
-                from stages.backends.factory import make_embedder
+    def job_ended(self) -> None:
+        """A job may have ended: held jobs may have room, and a reindex may move on."""
+        self.admissions.set()
+        self.reindexes.set()
 
-                self._embedder = await asyncio.to_thread(make_embedder, self.settings)
-            return self._embedder
+    async def embedder(self, model: str | None = None) -> Embedder:
+        """The query embedder of a generation's model (None: the deployment's), loaded on
+        first search so the gateway starts fast, then kept."""
+        async with self._embedder_lock:
+            found = self._embedders.get(model)
+            if found is None:
+                from stages.backends.factory import embedder_for
+
+                found = await asyncio.to_thread(embedder_for, self.settings, model)
+                self._embedders[model] = found
+            return found
 
 
 def get_services(request: Request) -> Services:

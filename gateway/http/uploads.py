@@ -236,6 +236,14 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
             "The message broker is unreachable; try again shortly.",
             RETRY_AFTER_S,
         )
+    # The generation of the collection's index it builds, and how (gateway/store/
+    # reindex_base.py): the serving one when the job was recorded or admitted.
+    try:
+        target = await asyncio.to_thread(services.store.index_target, job.job_id)
+    except Transient as exc:
+        raise ApiError(
+            503, "job_store_unavailable", f"The job store did not answer: {exc}", RETRY_AFTER_S
+        ) from exc
     message = DocumentUploaded(
         job_id=job.job_id,
         document_id=job.document_id,
@@ -245,6 +253,8 @@ async def publish_upload(services: Services, job: NewJob | Job) -> None:
         content_type=job.content_type,
         size_bytes=job.size_bytes,
         priority=job.priority,
+        generation=target.generation,
+        profile=target.profile,
     )
     try:
         await services.broker.publish(message, services.settings.pipeline.first.input_key)

@@ -8,9 +8,11 @@ from typing import Protocol
 
 from contracts.errors import SluiceError
 from contracts.events import JobEvent
+from contracts.messages import IndexProfile
 from contracts.routing import INTERACTIVE, Lane
 from contracts.settings import Settings
 from gateway.http.schemas import Job
+from gateway.store.reindex_base import Reindex, ReindexStore
 
 # Whose Idempotency-Keys a key is among (a job's `key_owner`): a fingerprint of the caller's
 # API key, or OPEN_KEY_OWNER on a gateway without keys, where every caller is one. Keys
@@ -98,12 +100,16 @@ class Admission:
 
 @dataclass(frozen=True)
 class CollectionCounts:
-    """One collection as the job store knows it: its documents (in any state) and the chunks
-    of those whose current version is indexed."""
+    """One collection as the job store knows it: its documents (in any state), the chunks
+    indexed for them in its serving generation, that generation and how it was built, and
+    its newest reindex (the one under way, if any)."""
 
     collection: str
     documents: int
     chunks: int
+    generation: int = 0
+    profile: IndexProfile | None = None
+    reindex: Reindex | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class JobBlobs:
     parsed_sha256: str | None
 
 
-class JobStore(Protocol):
+class JobStore(ReindexStore, Protocol):
     """Jobs and documents; one implementation per backend (SQLite, PostgreSQL), both held to
     the same contract tests (tests/unit/test_job_store_contract.py).
 

@@ -75,6 +75,8 @@ def job_of(
         stalled_in=stage_of_status(pipeline, row["status"]) if stalled else None,
         priority=row["priority"],
         admitted_at=row["admitted_at"],
+        reindex_id=row["reindex_id"],
+        generation=row["generation"],
         webhook=WebhookState(
             status=webhook.status,
             attempts=webhook.attempts,

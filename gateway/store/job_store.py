@@ -42,14 +42,21 @@ from gateway.store.job_rows import (
     webhook_of,
 )
 from gateway.store.queue_place import QueueSnapshot, QueueSnapshots
+from gateway.store.reindex_queries import profile_of
+from gateway.store.sqlite_reindex import SqliteReindexes
 from gateway.store.sqlite_schema import open_database
 from gateway.store.states import TERMINAL, JobState
 
-# A collection's documents and the chunks of those whose current version is indexed.
+# A collection's documents, its serving generation and profile, and the chunks of its
+# documents in that generation: each document's newest job there, if it is indexed (an
+# upload's, or a reindex's once the collection switched to the generation it built).
 _COLLECTIONS = (
-    "SELECT d.collection, COUNT(*),"
-    " COALESCE(SUM(CASE WHEN j.status = 'indexed' THEN j.chunks_total ELSE 0 END), 0)"
-    " FROM documents d JOIN jobs j ON j.job_id = d.current_job_id"
+    "SELECT d.collection, COUNT(*), COALESCE(MAX(c.generation), 0), MAX(c.profile),"
+    " COALESCE(SUM(CASE WHEN k.status = 'indexed' THEN k.chunks_total ELSE 0 END), 0)"
+    " FROM documents d LEFT JOIN collections c ON c.collection = d.collection"
+    " LEFT JOIN jobs k ON k.job_id = (SELECT v.job_id FROM jobs v"
+    "  WHERE v.document_id = d.document_id AND v.generation = COALESCE(c.generation, 0)"
+    "  ORDER BY v.created_at DESC, v.job_id DESC LIMIT 1)"
     " GROUP BY d.collection ORDER BY d.collection"
 )
 
@@ -58,7 +65,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class SqliteJobStore:
+class SqliteJobStore(SqliteReindexes):
     """The job store in one SQLite file (WAL), shared by the gateway's routes and its tracker."""
 
     def __init__(
@@ -148,8 +155,11 @@ class SqliteJobStore:
         db.execute(
             "INSERT INTO jobs (job_id, document_id, collection, filename, content_type,"
             " size_bytes, blob_sha256, status, idempotency_key, key_owner, trace_id,"
-            " created_at, updated_at, priority, callback_url, admitted_at, stage_since)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, updated_at, priority, callback_url, admitted_at, stage_since,"
+            " generation) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            # The generation its messages build: the collection's serving one (the switch
+            # waits for every admitted upload; a held one is stamped again when admitted).
+            " COALESCE((SELECT generation FROM collections WHERE collection = ?), 0))",
             (
                 job.job_id,
                 job.document_id,
@@ -167,6 +177,7 @@ class SqliteJobStore:
                 job.callback_url,
                 now if admitted else None,
                 now,
+                job.collection,
             ),
         )
         db.execute(
@@ -606,9 +617,15 @@ class SqliteJobStore:
 
     def collections(self) -> list[CollectionCounts]:
         """Every collection with a document, by name: its documents and indexed chunks."""
+        # The reindexes first: one read as done is switched already, so the counts read after
+        # it show the generation it built (read the other way round, they could lag).
+        latest = self.latest_reindexes()
         with self._lock:
             rows = self._db.execute(_COLLECTIONS).fetchall()
-        return [CollectionCounts(str(c), int(d), int(n)) for c, d, n in rows]
+        return [
+            CollectionCounts(str(c), int(d), int(n), int(g), profile_of(p), latest.get(str(c)))
+            for c, d, g, p, n in rows
+        ]
 
     def claim_webhooks(self, lease_s: float, limit: int) -> list[tuple[Job, str]]:
         """Ended jobs whose webhook is due and unsent, no one holding it, oldest end first;

@@ -132,8 +132,44 @@ CREATE UNIQUE INDEX IF NOT EXISTS sluice_jobs_owned_key
     ON sluice_jobs (key_owner, collection, idempotency_key) WHERE idempotency_key IS NOT NULL
 """
 
+# Reindexes (gateway/store/reindex_base.py): a collection's serving generation, its
+# reindexes, and which jobs are a reindex's. Every job before was an upload into generation
+# 0, the collection's own index name.
+_VERSION_4 = """
+ALTER TABLE sluice_jobs
+    ADD COLUMN IF NOT EXISTS reindex_id text,
+    ADD COLUMN IF NOT EXISTS source_job_id text,
+    ADD COLUMN IF NOT EXISTS generation int NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS sluice_jobs_reindex ON sluice_jobs (reindex_id, document_id)
+    WHERE reindex_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sluice_jobs_source ON sluice_jobs (source_job_id)
+    WHERE source_job_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sluice_collections (
+    collection text PRIMARY KEY,
+    generation int NOT NULL DEFAULT 0,
+    profile text,
+    switched_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS sluice_reindexes (
+    reindex_id text PRIMARY KEY,
+    collection text NOT NULL,
+    generation int NOT NULL,
+    from_generation int NOT NULL,
+    profile text NOT NULL,
+    state text NOT NULL,
+    created_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    documents_total int NOT NULL DEFAULT 0,
+    documents_done int NOT NULL DEFAULT 0,
+    documents_failed int NOT NULL DEFAULT 0,
+    dropped int NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sluice_reindexes_one_active ON sluice_reindexes (collection)
+    WHERE state IN ('running', 'switching')
+"""
+
 # Migration n takes the schema from version n - 1 to n; append, never edit a released step.
-MIGRATIONS: tuple[Step, ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
+MIGRATIONS: tuple[Step, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_4)
 
 # The database's clock, unless a test set one (`clock=`): then its time is sent instead.
 NOW = "COALESCE(%(now)s::timestamptz, now())"

@@ -55,11 +55,13 @@ from gateway.store.pg_job_db import (
     jobs_of,
     with_stages,
 )
+from gateway.store.pg_reindex import PgReindexes
 from gateway.store.queue_place import QueueSnapshot, QueueSnapshots
+from gateway.store.reindex_queries import profile_of
 from gateway.store.states import JobState, Webhook
 
 
-class PgJobStore:
+class PgJobStore(PgReindexes):
     """The job store in one PostgreSQL database, shared by every gateway."""
 
     def __init__(
@@ -146,10 +148,13 @@ class PgJobStore:
                 "INSERT INTO sluice_jobs (job_id, document_id, collection, filename,"
                 " content_type, size_bytes, blob_sha256, status, idempotency_key, key_owner,"
                 " trace_id, created_at, updated_at, priority, callback_url, admitted_at,"
-                " stage_since) VALUES (%(job_id)s, %(document_id)s, %(collection)s,"
-                " %(filename)s, %(content_type)s, %(size_bytes)s, %(sha)s, 'queued', %(key)s,"
-                f" %(owner)s, %(trace_id)s, {NOW}, {NOW}, %(priority)s, %(callback_url)s,"
-                f" CASE WHEN %(admitted)s THEN {NOW} END, {NOW})"
+                " stage_since, generation) VALUES (%(job_id)s, %(document_id)s,"
+                " %(collection)s, %(filename)s, %(content_type)s, %(size_bytes)s, %(sha)s,"
+                f" 'queued', %(key)s, %(owner)s, %(trace_id)s, {NOW}, {NOW}, %(priority)s,"
+                f" %(callback_url)s, CASE WHEN %(admitted)s THEN {NOW} END, {NOW},"
+                # The generation its messages build: the collection's serving one.
+                " COALESCE((SELECT c.generation FROM sluice_collections c"
+                " WHERE c.collection = %(collection)s), 0))"
                 " ON CONFLICT DO NOTHING RETURNING job_id",
                 {**self._new_job_params(job), "admitted": admitted},
             )
@@ -633,14 +638,30 @@ class PgJobStore:
 
     def collections(self) -> list[CollectionCounts]:
         """Every collection with a document, by name: its documents and indexed chunks."""
+        # The reindexes first: one read as done is switched already, so the counts read after
+        # it show the generation it built (read the other way round, they could lag).
+        latest = self.latest_reindexes()
+        # Chunks of the serving generation: each document's newest job there, if indexed.
         sql = (
             "SELECT d.collection, count(*) AS documents,"
-            " COALESCE(sum(CASE WHEN j.status = 'indexed' THEN j.chunks_total END), 0) AS chunks"
-            " FROM sluice_documents d JOIN sluice_jobs j ON j.job_id = d.current_job_id"
+            " COALESCE(max(c.generation), 0) AS generation, max(c.profile) AS profile,"
+            " COALESCE(sum(CASE WHEN k.status = 'indexed' THEN k.chunks_total END), 0) AS chunks"
+            " FROM sluice_documents d LEFT JOIN sluice_collections c"
+            " ON c.collection = d.collection LEFT JOIN sluice_jobs k ON k.job_id ="
+            " (SELECT v.job_id FROM sluice_jobs v WHERE v.document_id = d.document_id"
+            "  AND v.generation = COALESCE(c.generation, 0)"
+            "  ORDER BY v.created_at DESC, v.job_id DESC LIMIT 1)"
             " GROUP BY d.collection ORDER BY d.collection"
         )
         return [
-            CollectionCounts(str(r["collection"]), int(r["documents"]), int(r["chunks"]))
+            CollectionCounts(
+                str(r["collection"]),
+                int(r["documents"]),
+                int(r["chunks"]),
+                int(r["generation"]),
+                profile_of(r["profile"]),
+                latest.get(str(r["collection"])),
+            )
             for r in self._db.rows(sql, ())
         ]
 

@@ -110,7 +110,10 @@ def claim_admissions(
     # first stage's line (stage_since), not a tie broken by job id.
     cur.execute(
         "UPDATE sluice_jobs j SET admitted_at = t.at, stage_since = t.at, updated_at = t.at,"
-        f" lease_until = {NOW} + make_interval(secs => %(lease)s)"
+        f" lease_until = {NOW} + make_interval(secs => %(lease)s),"
+        # Admitted, it builds the generation its collection serves now.
+        " generation = COALESCE((SELECT c.generation FROM sluice_collections c"
+        " WHERE c.collection = j.collection), 0)"
         f" FROM (SELECT id, {NOW} + make_interval(secs => (n - 1) * 0.000001) AS at"
         "  FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS u(id, n)) t"
         f" WHERE j.job_id = t.id AND j.admitted_at IS NULL RETURNING {JOB}",

@@ -17,6 +17,7 @@ from gateway.store.base import Admission, NewJob
 from gateway.store.fair_share import Held, admission_order
 from gateway.store.job_rows import as_time, waiting_of
 from gateway.store.queue_place import RATE_WINDOW_S, Ended, QueueSnapshot
+from gateway.store.reindex_queries import SERVING_GENERATION, SQLITE
 
 # Admitted, not ended, and either in the pipeline for sure or still worth publishing (a job
 # of a deleted document that was never confirmed will never run, and holds no slot).
@@ -103,7 +104,9 @@ def claim_admissions(
         # the first stage's line (stage_since), not a tie broken by job id.
         at = (now + timedelta(microseconds=n)).isoformat()
         db.execute(
-            "UPDATE jobs SET admitted_at = ?, stage_since = ?, updated_at = ?, lease_until = ?"
+            "UPDATE jobs SET admitted_at = ?, stage_since = ?, updated_at = ?, lease_until = ?,"
+            # Admitted, it builds the generation its collection serves now.
+            f" generation = {SQLITE.render(SERVING_GENERATION)}"
             " WHERE job_id = ? AND admitted_at IS NULL",
             (at, at, at, until, job.job_id),
         )

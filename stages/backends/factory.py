@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from contracts.errors import SluiceError
+import threading
+from pathlib import Path
+
+from contracts.errors import Permanent, SluiceError, Transient
 from contracts.settings import Settings
 from stages.backends.protocols import BlobStore, Embedder, VectorIndex
 
@@ -63,12 +66,117 @@ def make_embedder(settings: Settings) -> Embedder:
             timeout_s=settings.embed_timeout_s,
             batch_size=settings.embed_batch_size,
         )
+    return _local_embedder(settings, settings.model_dir)
+
+
+def _local_embedder(settings: Settings, model_dir: Path | None) -> Embedder:
+    """The model in `model_dir` (None: the packaged one) on the backend the settings choose."""
     if settings.embed_backend == "onnx":
         from stages.backends.onnx_embedder import OnnxEmbedder
 
-        return OnnxEmbedder(settings.model_dir, settings.embed_batch_size)
+        return OnnxEmbedder(model_dir, settings.embed_batch_size)
     from stages.backends.embedder import SentenceTransformerEmbedder
 
-    return SentenceTransformerEmbedder(
-        settings.model_dir, settings.embed_device, settings.embed_batch_size
+    return SentenceTransformerEmbedder(model_dir, settings.embed_device, settings.embed_batch_size)
+
+
+# What a sentence-transformers directory holds: the tokenizer (the chunk stage measures with
+# it) and the model's description, as modules (sentence-transformers) or a bare config.
+_TOKENIZER_FILE = "tokenizer.json"
+_MODEL_FILES = ("modules.json", "config.json")
+
+
+def resolve_model_dir(settings: Settings, model: str | None) -> Path:
+    """The directory of the model a profile names, checked without loading it (None, or the
+    deployment's model name: the deployment's); Permanent `unknown_model` if it is none."""
+    # Imported here: the embedder module sets the model libraries' environment, which a
+    # process that only opens an index or a blob store has no business with.
+    from stages.backends.embedder import PACKAGED_MODEL_NAME, packaged_model_dir
+
+    if model is None or model == settings.embed_model_name:
+        return settings.model_dir or packaged_model_dir()
+    if model == PACKAGED_MODEL_NAME:
+        return packaged_model_dir()
+    path = Path(model)
+    if not path.is_absolute():
+        # A relative path would mean another directory to each process that reads it.
+        raise Permanent(
+            f"the embedding model {model!r} is unknown: name {settings.embed_model_name!r} "
+            "(the deployment's model) or the absolute path of a sentence-transformers "
+            "directory on the stage hosts",
+            code="unknown_model",
+        )
+    try:
+        usable = (path / _TOKENIZER_FILE).is_file() and any(
+            (path / name).is_file() for name in _MODEL_FILES
+        )
+    except OSError:
+        usable = False
+    if not usable:
+        raise Permanent(
+            f"{model} is no sentence-transformers model directory this host can read (it "
+            f"needs {_TOKENIZER_FILE} and {' or '.join(_MODEL_FILES)}): copy the model there "
+            "on every embed and chunk host, or name another one",
+            code="unknown_model",
+        )
+    return path
+
+
+def is_default_model(settings: Settings, model: str | None) -> bool:
+    """Whether a profile's model is the deployment's own (what `make_embedder` builds)."""
+    if model is None or model == settings.embed_model_name:
+        return True
+    if settings.embed_url:
+        # The deployment's model is behind an endpoint: a directory is always another one.
+        return False
+    default = resolve_model_dir(settings, None)
+    return resolve_model_dir(settings, model).resolve() == default.resolve()
+
+
+# Loaded models, per process: a model is hundreds of megabytes and seconds to load, and the
+# embed stage and the gateway each need one per generation they serve, not one per message.
+_loaded: dict[tuple[object, ...], Embedder] = {}
+_loading = threading.Lock()
+
+
+def embedder_for(settings: Settings, model: str | None) -> Embedder:
+    """The embedder of the model a profile names (None: the deployment's), loaded on first
+    use and then kept for the process; Permanent `unknown_model` if it cannot be loaded."""
+    default = is_default_model(settings, model)
+    path = None if default else resolve_model_dir(settings, model).resolve()
+    key: tuple[object, ...] = (
+        path or "default",
+        settings.embed_url if default else None,
+        settings.embed_model_name if default else None,
+        settings.model_dir if default else None,
+        settings.embed_backend,
+        settings.embed_device,
+        settings.embed_batch_size,
     )
+    found = _loaded.get(key)
+    if found is not None:
+        return found
+    # One load at a time: two messages naming a new model at once load it once.
+    with _loading:
+        if key not in _loaded:
+            _loaded[key] = make_embedder(settings) if path is None else _load(settings, path)
+        return _loaded[key]
+
+
+def _load(settings: Settings, path: Path) -> Embedder:
+    """The model at `path`, or Permanent `unknown_model` saying why it would not load."""
+    try:
+        return _local_embedder(settings, path)
+    except (Transient, MemoryError):
+        raise
+    except SluiceError as exc:
+        raise Permanent(exc.message, code=exc.code) from exc
+    except Exception as exc:  # what a broken model raises depends on the library and file
+        if "out of memory" in str(exc).lower():
+            raise
+        cause = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise Permanent(
+            f"the embedding model at {path} could not be loaded ({cause}): check that it is a "
+            "complete sentence-transformers directory, or name another model",
+            code="unknown_model",
+        ) from exc

@@ -14,21 +14,28 @@ A chunk's `live` column says whether search may find it: a version of several ba
 written pending and published by two commits, its chunks made live first and the other
 versions' removed after, so a search meanwhile finds both (briefly), never neither. Tables
 written before the column existed get it with every row live.
+
+Each index name (a collection's generation) is a table of its own, `chunks_<name>`, so two
+generations may hold vectors of different dimensions. A generation no longer served is
+dropped, table and all, maybe by another process: a table this one had open is then opened
+again (`_reopens_dropped`).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyarrow as pa
 
 from contracts.errors import StorageFull, is_disk_full
 from contracts.messages import EmbeddedBatch
+from stages.backends.dimensions import check_dimensions
 from stages.backends.protocols import IndexHit
 from stages.backends.versions import Arrival, Version, completed_by, earlier_versions
 from stages.infra import memory
@@ -78,6 +85,30 @@ _TOMBSTONE_SCHEMA = pa.schema(
 )
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reopens_dropped(
+    method: Callable[Concatenate[LanceIndex, P], R],
+) -> Callable[Concatenate[LanceIndex, P], R]:
+    """Run a call again on freshly opened tables when a table it used was dropped meanwhile:
+    a handle this process kept fails on a table another one dropped (LanceDB: "Not found")."""
+
+    @functools.wraps(method)
+    def call(self: LanceIndex, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except (RuntimeError, OSError) as exc:
+            if "Not found" not in str(exc):
+                raise
+            # Every call these wrap may run twice: writes are upserts, deletes are idempotent.
+            self._tables = {}
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 def _quote(value: str) -> str:
     # Filters are SQL strings; ids are ours, but quote them properly all the same.
     return "'" + value.replace("'", "''") + "'"
@@ -125,6 +156,7 @@ class LanceIndex:
             tables[_LEDGER] = db.create_table(_LEDGER, schema=_LEDGER_SCHEMA, exist_ok=True)
         return tables[_LEDGER]
 
+    @_reopens_dropped
     def upsert(self, collection: str, batches: Sequence[EmbeddedBatch]) -> None:
         """Insert or replace the chunks of several batches by chunk id, in one write; the
         batches of a deleted document are dropped (see the module's docstring).
@@ -158,8 +190,8 @@ class LanceIndex:
             for c in b.chunks
         ]
         arrived = {
-            f"{b.document_id}/{b.job_id}/{b.batch_index}": {
-                "key": f"{b.document_id}/{b.job_id}/{b.batch_index}",
+            _ledger_key(collection, b): {
+                "key": _ledger_key(collection, b),
                 "collection": collection,
                 "document_id": b.document_id,
                 "job_id": b.job_id,
@@ -173,6 +205,9 @@ class LanceIndex:
         rows = list({str(row["chunk_id"]): row for row in rows}.values())
         with self._write_lock, self._full_disk_is_transient(collection):
             if rows:
+                existing = self._table(collection)
+                held = None if existing is None else existing.schema.field("vector").type.list_size
+                check_dimensions(collection, held, batches)
                 dimensions = len(rows[0]["vector"])  # type: ignore[arg-type]
                 table = self._table(collection, dimensions=dimensions)
                 assert table is not None
@@ -296,9 +331,12 @@ class LanceIndex:
             f"collection = {_quote(collection)} AND document_id = {_quote(document_id)}"
             f" AND job_id = {_quote(job_id)}"
         )
-        # Keys are unique per (document, job, batch index), so rows are distinct batches.
-        return int(self._ledger().count_rows(where))
+        # Distinct batch indexes, not rows: a batch written before its key named the index
+        # (an upgrade with a version in flight) and redelivered after has two rows.
+        rows = self._ledger().search().where(where).select(["batch_index"]).limit(None).to_list()
+        return len({int(r["batch_index"]) for r in rows})
 
+    @_reopens_dropped
     def publish_version(self, collection: str, document_id: str, job_id: str) -> None:
         """Make a complete version's pending chunks searchable, then drop every other version
         of the document (chunks and ledger rows)."""
@@ -324,6 +362,7 @@ class LanceIndex:
             # An update rewrites rows: like a write, it looks for a tombstone once committed.
             self._undo_if_deleted(collection, {document_id})
 
+    @_reopens_dropped
     def delete_document(self, collection: str, document_id: str) -> None:
         """Drop every chunk of a document for good: its tombstone first, then its chunks."""
         key = f"{collection}/{document_id}"
@@ -345,6 +384,7 @@ class LanceIndex:
         if self._has_ledger():
             self._ledger().delete(f"collection = {_quote(collection)} AND {where}")
 
+    @_reopens_dropped
     def chunk_ids(
         self, collection: str, document_id: str, *, searchable_only: bool = False
     ) -> list[str]:
@@ -357,6 +397,30 @@ class LanceIndex:
         rows = table.search().where(where).select(["chunk_id"]).limit(None).to_list()
         return [str(r["chunk_id"]) for r in rows]
 
+    @_reopens_dropped
+    def chunk_count(self, collection: str) -> int:
+        """How many searchable chunks an index name holds (pending ones are not counted)."""
+        table = self._table(collection)
+        return 0 if table is None else int(table.count_rows("live"))
+
+    def drop_collection(self, collection: str) -> None:
+        """Drop an index name's table, then its rows in the ledger and the tombstones."""
+        where = f"collection = {_quote(collection)}"
+        with self._write_lock, self._full_disk_is_transient(collection):
+            self._tables.pop(f"chunks_{collection}", None)
+            self._writes.pop(collection, None)
+            try:
+                self.db.drop_table(f"chunks_{collection}")
+            except ValueError as exc:
+                if "was not found" not in str(exc):
+                    raise
+            # Chunks first: a drop cut short leaves rows that say nothing of chunks still
+            # there, and dropping again removes them.
+            for shared, opened in ((_LEDGER, self._ledger), (_TOMBSTONES, self._tombstones)):
+                if self._has_table(shared) and opened().count_rows(where):
+                    opened().delete(where)
+
+    @_reopens_dropped
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
         """The `k` live chunks nearest to `vector`, best first (score is cosine similarity)."""
         table = self._table(collection)
@@ -383,6 +447,13 @@ class LanceIndex:
             )
             for r in rows
         ]
+
+
+def _ledger_key(collection: str, b: EmbeddedBatch) -> str:
+    """A batch's row in the shared ledger: one per index name, document, job and batch."""
+    # The index name in front: a job may write one document's batches to two generations of
+    # a collection, and they are two rows. (Rows written before have no name in front.)
+    return f"{collection}/{b.document_id}/{b.job_id}/{b.batch_index}"
 
 
 def _quoted(values: set[str]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from contracts.errors import SluiceError
-from stages.backends.embedder import packaged_model_dir
+from stages.backends.embedder import max_seq_length, packaged_model_dir
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -142,16 +142,6 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_seq_length(model_dir))
     return tokenizer
-
-
-def max_seq_length(model_dir: Path) -> int:
-    """The longest input the model reads, in tokens, as sentence-transformers configures it."""
-    config = json.loads((model_dir / "config.json").read_text())
-    positions = int(config.get("max_position_embeddings", 512))
-    st_config = model_dir / "sentence_bert_config.json"
-    if not st_config.is_file():
-        return positions
-    return min(positions, int(json.loads(st_config.read_text()).get("max_seq_length", positions)))
 
 
 class OnnxEmbedder:

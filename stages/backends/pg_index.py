@@ -42,6 +42,7 @@ from psycopg_pool import ConnectionPool
 
 from contracts.errors import Transient
 from contracts.messages import EmbeddedBatch
+from stages.backends.dimensions import check_dimensions
 from stages.backends.pg_schema import SchemaOnce, Step, lock_schema, migrate
 from stages.backends.protocols import IndexHit
 from stages.backends.versions import Arrival, Version, completed_by, earlier_versions
@@ -303,6 +304,9 @@ class PgVectorIndex:
             documents = {b.document_id for b in batches}
             _lock_documents(cur, collection, documents, shared=True)
             gone = self._deleted(cur, collection, documents)
+            kept = [b for b in batches if b.document_id not in gone]
+            if chunks:
+                check_dimensions(collection, self._dimensions(cur, collection), kept)
             live = completed_by(batches, self._arrived(cur, collection, earlier_versions(batches)))
             # Sorted keys: two writers of overlapping rows lock them in one order, so they
             # wait for each other instead of deadlocking.
@@ -356,6 +360,17 @@ class PgVectorIndex:
             (collection, sorted({d for d, _ in versions}), sorted({j for _, j in versions})),
         )
         return [(str(r[0]), str(r[1]), int(r[2])) for r in cur.fetchall()]
+
+    @staticmethod
+    def _dimensions(cur: psycopg.Cursor[Any], collection: str) -> int | None:
+        """The dimension of the vectors an index name holds (None: it holds none)."""
+        # One row is enough (every write is checked) and cheap: the key starts with the name.
+        cur.execute(
+            "SELECT vector_dims(embedding) FROM sluice_chunks WHERE collection = %s LIMIT 1",
+            (collection,),
+        )
+        row = cur.fetchone()
+        return None if row is None else int(row[0])
 
     @staticmethod
     def _deleted(cur: psycopg.Cursor[Any], collection: str, documents: set[str]) -> set[str]:
@@ -436,6 +451,26 @@ class PgVectorIndex:
                 (collection, document_id),
             ).fetchall()
         return [str(r[0]) for r in rows]
+
+    def chunk_count(self, collection: str) -> int:
+        """How many searchable chunks an index name holds (pending ones are not counted)."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM sluice_chunks WHERE collection = %s AND live",
+                (collection,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def drop_collection(self, collection: str) -> None:
+        """Remove every chunk, ledger row and tombstone of an index name, in one transaction."""
+        # Rows, not tables: every index name shares the tables, and the vector indexes are
+        # per dimension, so a dimension no name uses any more costs an empty index, nothing.
+        with self._connection() as conn, conn.cursor() as cur:
+            for table in ("sluice_chunks", "sluice_index_batches", "sluice_index_tombstones"):
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE collection = %s").format(sql.Identifier(table)),
+                    (collection,),
+                )
 
     def search(self, collection: str, vector: Sequence[float], k: int) -> list[IndexHit]:
         """The `k` live chunks nearest to `vector`, best first (score is cosine similarity)."""

@@ -94,6 +94,11 @@ class IndexHit:
 class VectorIndex(Protocol):
     """Stores chunk vectors per collection and finds the nearest ones.
 
+    Every `collection` argument is an index name: a collection's generation 0 is the
+    collection's own name, a reindex's generation n is `<collection>.g<n>`
+    (contracts/generations.py). Each is an index of its own, which nothing done to another
+    touches; the vectors of two may have different dimensions (two embedding models).
+
     A document version (job) is complete in the index when every one of its batches has
     been written (`batches_done`), whatever a stage did to the number of chunks per batch.
     Until then its chunks are pending: stored, so a retried batch can still complete the
@@ -142,6 +147,16 @@ class VectorIndex(Protocol):
     ) -> list[str]:
         """The id of every stored chunk of a document (duplicates included, if any), pending
         ones too unless `searchable_only`."""
+        ...
+
+    def chunk_count(self, collection: str) -> int:
+        """How many searchable chunks an index name holds (pending ones are not counted)."""
+        ...
+
+    def drop_collection(self, collection: str) -> None:
+        """Remove everything an index name holds, for good: its chunks, its ledger rows and
+        its tombstones (a generation no longer served). Dropping one not there is harmless;
+        a write to the name after the drop starts it anew."""
         ...
 
 

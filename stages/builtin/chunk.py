@@ -2,34 +2,85 @@
 
 Chunks are measured with the embedding model's own tokenizer, so none is truncated by the model.
 A big document becomes many `ChunkBatch` messages so several embed and index workers share it.
+A message's index profile (a reindex's, or the collection's) may name other chunk sizes and
+another model: it is chunked with those, measured with that model's tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from contracts import pipeline
 from contracts.errors import Permanent, Transient
-from contracts.messages import Chunk, ChunkBatch, DocumentParsed, ParsedDocument, chunk_id
+from contracts.generations import chunk_sizes
+from contracts.messages import (
+    Chunk,
+    ChunkBatch,
+    DocumentParsed,
+    IndexProfile,
+    ParsedDocument,
+    chunk_id,
+)
 from contracts.settings import SPECIAL_TOKENS, Settings
-from stages.backends.embedder import packaged_model_dir
-from stages.backends.factory import open_blob_store
+from stages.backends.embedder import max_seq_length
+from stages.backends.factory import open_blob_store, resolve_model_dir
 from stages.backends.protocols import BlobStore
 from stages.kit.deletions import Deletions
 from stages.stage import Stage
 
 
+class Splitters:
+    """A splitter per (model, max tokens, overlap tokens), built on first use and kept: one
+    loads a tokenizer, far too slow to do per document."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._built: dict[tuple[Path, int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def for_profile(self, profile: IndexProfile | None) -> Any:
+        """The splitter for a message's profile (None: the deployment's chunk settings);
+        Permanent `invalid_profile` or `unknown_model` for a profile that cannot be used."""
+        sizes = chunk_sizes(self.settings, profile)
+        model_dir = resolve_model_dir(self.settings, profile.model if profile else None)
+        key = (model_dir, sizes.max_tokens, sizes.overlap_tokens)
+        splitter = self._built.get(key)
+        if splitter is None:
+            with self._lock:
+                if key not in self._built:
+                    if profile is not None:
+                        _check_fits(model_dir, sizes.max_tokens)
+                    self._built[key] = make_splitter(*key)
+                splitter = self._built[key]
+        return splitter
+
+
+def _check_fits(model_dir: Path, max_tokens: int) -> None:
+    """Refuse a profile whose chunks are longer than its model reads: their ends would never
+    be embedded, and so never found."""
+    if not (model_dir / "config.json").is_file():
+        return  # no config to read the limit from; the model truncates as it always does
+    longest = max_seq_length(model_dir)
+    if max_tokens > longest:
+        raise Permanent(
+            f"the index profile's chunks of {max_tokens} tokens are longer than the model in "
+            f"{model_dir} reads ({longest} tokens): lower chunk_max_tokens to {longest} or less",
+            code="invalid_profile",
+        )
+
+
 @dataclass(frozen=True)
 class ChunkContext:
-    """What the chunk stage needs: the blob store, a splitter, the batch size, and how to tell
-    that a document was deleted."""
+    """What the chunk stage needs: the blob store, its splitters, the batch size, and how to
+    tell that a document was deleted."""
 
     blobs: BlobStore
-    splitter: Any
+    splitters: Splitters
     chunks_per_message: int
     deletions: Deletions
 
@@ -51,14 +102,11 @@ def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> Any:
 
 
 async def startup(settings: Settings) -> ChunkContext:
-    """Load the tokenizer and open the blob store."""
-    splitter = make_splitter(
-        settings.model_dir or packaged_model_dir(),
-        settings.chunk_max_tokens,
-        settings.chunk_overlap_tokens,
-    )
+    """Load the deployment's tokenizer (others on first use) and open the blob store."""
+    splitters = Splitters(settings)
+    splitters.for_profile(None)
     return ChunkContext(
-        open_blob_store(settings), splitter, settings.chunks_per_message, Deletions(settings)
+        open_blob_store(settings), splitters, settings.chunks_per_message, Deletions(settings)
     )
 
 
@@ -82,7 +130,9 @@ async def handle(msg: DocumentParsed, ctx: ChunkContext) -> list[ChunkBatch]:
             return []
         raise
     parsed = ParsedDocument.model_validate_json(text)
-    pieces = await asyncio.to_thread(split, parsed, ctx.splitter)
+    # In a thread: a profile's first document loads its tokenizer.
+    splitter = await asyncio.to_thread(ctx.splitters.for_profile, msg.profile)
+    pieces = await asyncio.to_thread(split, parsed, splitter)
     if not pieces:
         raise Permanent(
             f"{msg.filename}: no text to index after parsing; if it is a scan, OCR it first.",

@@ -10,6 +10,10 @@ dropped or added chunks in any batch.
 A delete wins: the batches of a document deleted while they were on their way are dropped by
 the index itself (its tombstone, stages/backends/protocols.py `VectorIndex`), so they end
 like any other batch, acked once, and neither they nor a version swap bring it back.
+
+Each generation of a collection is an index of its own (contracts/generations.py): a batch is
+written, completed and published under its generation's index name, so a reindex building
+generation n leaves what search finds in the serving one untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from contracts import pipeline
 from contracts.errors import Transient
+from contracts.generations import index_name
 from contracts.messages import EmbeddedBatch, Message
 from contracts.settings import Settings
 from stages.backends.factory import open_index
@@ -63,29 +68,32 @@ async def startup(settings: Settings) -> IndexContext:
 
 
 def write(index: VectorIndex, batches: list[EmbeddedBatch]) -> list[None]:
-    """Upsert batches (one write per collection); once every batch of a version is in,
-    publish it (searchable, and the older versions dropped)."""
-    for collection in {b.collection for b in batches}:
+    """Upsert batches (one write per index name: a collection's generation); once every
+    batch of a version is in, publish it (searchable, and the older versions dropped)."""
+    named = [(index_name(b.collection, b.generation), b) for b in batches]
+    for name in {name for name, _ in named}:
         try:
-            index.upsert(collection, [b for b in batches if b.collection == collection])
+            index.upsert(name, [b for n, b in named if n == name])
         except (OSError, RuntimeError) as exc:
             # LanceDB's own message names Rust source files; say what a person can check.
             cause = str(exc).split(":", 2)[-1].split(", /")[0].strip()[:300]
             raise Transient(
-                f"Could not write to the index of collection {collection!r} ({cause}). "
+                f"Could not write to the index {name!r} ({cause}). "
                 "Check that the index directory under SLUICE_DATA_DIR is writable and not "
                 "damaged, then retry the job.",
                 code="index_unavailable",
             ) from exc
+    # Per index name: a version is published within its own generation, so a reindex's new
+    # version of a document never removes the serving generation's chunks of it.
     complete = {
-        (b.collection, b.document_id, b.job_id)
-        for b in batches
-        if index.batches_done(b.collection, b.document_id, b.job_id) >= b.batch_count
+        (name, b.document_id, b.job_id)
+        for name, b in named
+        if index.batches_done(name, b.document_id, b.job_id) >= b.batch_count
     }
-    for collection, document_id, job_id in complete:
+    for name, document_id, job_id in complete:
         # Also when this write already stored the version searchable: a redelivered last
         # batch, or a crash after the write, must still see the old version removed.
-        index.publish_version(collection, document_id, job_id)
+        index.publish_version(name, document_id, job_id)
     return [None] * len(batches)
 
 

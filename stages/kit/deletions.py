@@ -12,6 +12,7 @@ import asyncio
 import threading
 
 from contracts.errors import SluiceError
+from contracts.generations import index_name
 from contracts.messages import Message
 from contracts.settings import Settings
 from stages.backends.factory import open_index
@@ -39,4 +40,7 @@ class Deletions:
         if error.code != "blob_missing":
             return False
         index = await asyncio.to_thread(self._opened)
-        return await asyncio.to_thread(index.is_deleted, msg.collection, msg.document_id)
+        # The tombstone of the generation the message builds: a delete leaves one in every
+        # generation of the collection there is, this one included.
+        name = index_name(msg.collection, msg.generation)
+        return await asyncio.to_thread(index.is_deleted, name, msg.document_id)

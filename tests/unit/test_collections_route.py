@@ -37,12 +37,19 @@ def test_collections_list_what_the_key_may_use(tmp_path: Path) -> None:
             answer = client.get(path, headers={"Authorization": f"Bearer {key}"})
             return answer.status_code, answer.json()
 
+        # Never re-indexed: generation 0, built with the deployment's settings.
+        built = {
+            "chunk_max_tokens": settings.chunk_max_tokens,
+            "chunk_overlap_tokens": settings.chunk_overlap_tokens,
+            "model": settings.embed_model_name,
+        }
+        serving = {"generation": {"number": 0, **built}, "settings": built, "reindex": None}
         assert get("/v1/collections", "root") == (
             200,
             {
                 "collections": [
-                    {"collection": "blue", "documents": 1, "chunks": 0},
-                    {"collection": "red", "documents": 2, "chunks": 0},
+                    {"collection": "blue", "documents": 1, "chunks": 0, **serving},
+                    {"collection": "red", "documents": 2, "chunks": 0, **serving},
                 ]
             },
         )

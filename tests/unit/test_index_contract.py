@@ -16,7 +16,8 @@ import psycopg
 import pytest
 from postgres import PostgresHandle
 
-from contracts.errors import Transient
+from contracts.errors import Permanent, Transient
+from contracts.generations import index_name
 from contracts.messages import EmbeddedBatch, EmbeddedChunk
 from stages.backends.lance_index import LanceIndex
 from stages.backends.pg_index import MIGRATIONS, PgVectorIndex
@@ -74,12 +75,14 @@ def batch(
     job: str = "j1",
     document: str = "d1",
     collection: str = "default",
+    generation: int = 0,
 ) -> EmbeddedBatch:
     """One batch of a document version (job)."""
     return EmbeddedBatch(
         job_id=job,
         document_id=document,
         collection=collection,
+        generation=generation,
         filename=f"{document}.pdf",
         batch_index=index,
         batch_count=count,
@@ -289,6 +292,106 @@ def test_chunk_ids_lists_every_chunk_of_a_document(index: VectorIndex) -> None:
     assert index.chunk_ids("default", "d2") == []
 
 
+# Generations: a reindex builds `<collection>.g<n>` beside the serving index, then drops the
+# old one; each index name is an index of its own.
+
+
+def papers(generation: int, chunks: list[EmbeddedChunk], **fields: Any) -> EmbeddedBatch:
+    """A batch of collection "papers" in a generation."""
+    return batch(chunks, collection="papers", generation=generation, **fields)
+
+
+def test_a_version_published_in_a_new_generation_leaves_the_serving_ones_chunks(
+    index: VectorIndex,
+) -> None:
+    # The same document and chunk ids (a reindex keeps both), in two generations.
+    write(index, [papers(0, [chunk("c0"), chunk("c1")], job="j1")])
+    write(index, [papers(1, [chunk("c0", at_angle(0, 16))], job="j2", index=0, count=2)])
+    write(index, [papers(1, [chunk("c1", at_angle(0, 16))], job="j2", index=1, count=2)])
+    assert sorted(index.chunk_ids("papers", "d1", searchable_only=True)) == ["c0", "c1"]
+    assert index.batches_done("papers", "d1", "j1") == 1
+    assert sorted(index.chunk_ids("papers.g1", "d1", searchable_only=True)) == ["c0", "c1"]
+    assert index.batches_done("papers.g1", "d1", "j2") == 2
+    assert index.batches_done("papers.g1", "d1", "j1") == 0
+    assert len(index.search("papers", at_angle(0), k=5)) == 2
+    assert len(index.search("papers.g1", at_angle(0, 16), k=5)) == 2
+    # A new upload during the reindex goes to both; a delete is done in each by name.
+    index.delete_document("papers.g1", "d1")
+    assert index.chunk_ids("papers.g1", "d1") == []
+    assert sorted(index.chunk_ids("papers", "d1")) == ["c0", "c1"]
+    assert not index.is_deleted("papers", "d1")
+
+
+def test_drop_collection_removes_one_generation_and_leaves_the_others(
+    index: VectorIndex,
+) -> None:
+    write(index, [papers(0, [chunk("c0")])])
+    write(index, [papers(1, [chunk("c0", at_angle(0, 16)), chunk("c1", at_angle(5, 16))])])
+    write(index, [papers(1, [chunk("p0", at_angle(0, 16))], job="j2", count=2)])  # pending
+    index.delete_document("papers.g1", "gone")
+    write(index, [papers(2, [chunk("c0")])])
+    write(index, [batch([chunk("o0")], collection="other")])
+    index.drop_collection("papers.g1")
+    assert index.chunk_count("papers.g1") == 0
+    assert index.chunk_ids("papers.g1", "d1") == []
+    assert index.search("papers.g1", at_angle(0, 16), k=5) == []
+    assert index.batches_done("papers.g1", "d1", "j1") == 0
+    assert index.batches_done("papers.g1", "d1", "j2") == 0
+    assert not index.is_deleted("papers.g1", "gone")
+    for name in ("papers", "papers.g2", "other"):
+        assert index.chunk_count(name) == 1
+        assert len(index.search(name, at_angle(0), k=5)) == 1
+        assert index.batches_done(name, "d1", "j1") == 1
+    index.drop_collection("papers.g1")  # again: nothing left to drop
+    index.drop_collection("never")
+    # A name dropped is a name like any other: written again, it starts anew.
+    write(index, [papers(1, [chunk("n0")], job="j3")])
+    assert [h.chunk_id for h in index.search("papers.g1", at_angle(0), k=5)] == ["n0"]
+
+
+def test_vectors_of_another_dimension_than_an_index_names_are_refused_for_good(
+    index: VectorIndex,
+) -> None:
+    write(index, [papers(0, [chunk("c0")])])
+    with pytest.raises(Permanent) as raised:
+        write(index, [papers(0, [chunk("w0", at_angle(0, 16))], document="d2")])
+    assert raised.value.code == "model_dimensions"
+    assert "'papers'" in raised.value.message and "16" in raised.value.message
+    with pytest.raises(Permanent):
+        index.upsert("fresh", [batch([chunk("a0"), chunk("a1", at_angle(0, 16))])])
+    assert index.chunk_ids("papers", "d2") == []
+    assert index.batches_done("papers", "d2", "j1") == 0
+    # Another generation is another index: a new model's dimension is its own.
+    write(index, [papers(1, [chunk("w0", at_angle(0, 16))], document="d2")])
+    assert index.chunk_count("papers.g1") == 1
+
+
+def test_chunk_count_counts_searchable_chunks_only(index: VectorIndex) -> None:
+    assert index.chunk_count("papers.g1") == 0
+    write(index, [papers(1, [chunk("c0"), chunk("c1")], job="j1")])
+    write(index, [papers(1, [chunk("n0")], job="j2", index=0, count=2)])
+    write(index, [papers(1, [chunk("e0")], document="d2", index=0, count=2)])
+    assert index.chunk_count("papers.g1") == 2
+    write(index, [papers(1, [chunk("n1"), chunk("n2")], job="j2", index=1, count=2)])
+    assert index.chunk_count("papers.g1") == 3  # j2 replaced j1
+    assert index.chunk_count("papers") == 0
+    assert index.chunk_count(index_name("papers", 1)) == 3
+
+
+def test_a_generation_dropped_by_another_process_is_gone_for_this_one_too(
+    pair: tuple[VectorIndex, VectorIndex],
+) -> None:
+    stage, gateway = pair
+    write(stage, [papers(1, [chunk("c0")], job="j1")])
+    assert [h.chunk_id for h in gateway.search("papers.g1", at_angle(0), k=5)] == ["c0"]
+    gateway.drop_collection("papers.g1")
+    assert stage.search("papers.g1", at_angle(0), k=5) == []
+    assert stage.chunk_count("papers.g1") == 0
+    # A late batch of the dropped generation is written to a new table, not lost in an error.
+    write(stage, [papers(1, [chunk("c1")], job="j2")])
+    assert gateway.chunk_ids("papers.g1", "d1") == ["c1"]
+
+
 # Chunks stored before pending versions existed were all searchable, and stay so.
 
 
@@ -324,6 +427,21 @@ def test_lance_chunks_of_a_table_without_the_live_column_are_searchable(tmp_path
     }
     db.create_table("chunks_default", data=pa.Table.from_pylist([row], schema=old))
     assert_legacy_chunk_is_searchable(LanceIndex(tmp_path / "index"))
+
+
+def test_lance_a_batch_recorded_before_ledger_keys_named_the_index_counts_once(
+    tmp_path: Path,
+) -> None:
+    from stages.backends import lance_index
+
+    lance = LanceIndex(tmp_path / "index")
+    lance.upsert("default", [batch([chunk("c0")], index=0, count=2)])
+    # The same batch's row as an older Sluice keyed it, and then redelivered: one batch.
+    old = {"collection": "default", "document_id": "d1", "job_id": "j1", "batch_count": 2}
+    lance_index._merge(lance._ledger(), "key", [{"key": "d1/j1/0", **old, "batch_index": 0}])
+    assert lance.batches_done("default", "d1", "j1") == 1
+    write(lance, [batch([chunk("c1")], index=1, count=2)])
+    assert sorted(lance.chunk_ids("default", "d1", searchable_only=True)) == ["c0", "c1"]
 
 
 def test_pg_chunks_stored_before_the_live_column_are_searchable(

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
 from fastapi.responses import JSONResponse
 
+from contracts.generations import index_name
 from contracts.messages import COLLECTION_PATTERN, SHA256_PATTERN
 from gateway.http import gateway_metrics as metrics
 from gateway.http.api_responses import KEYED, UPLOAD_ANSWERS, errors
@@ -173,7 +174,10 @@ async def delete(services: ServicesDep, access: AccessDep, document_id: str) -> 
         raise ApiError(404, "document_not_found", f"No document {document_id}.")
     # The index first: its tombstone makes every batch still on its way be dropped, so the
     # document cannot come back once this answers.
-    await asyncio.to_thread(services.index.delete_document, collection, document_id)
+    # In every generation there is: the serving one and the one a reindex builds.
+    for generation in await asyncio.to_thread(_generations, services, collection):
+        name = index_name(collection, generation)
+        await asyncio.to_thread(services.index.delete_document, name, document_id)
     await asyncio.to_thread(_forget_document, services, document_id)
     # Its jobs stay as history; one still in flight ends now, rather than look busy for ever.
     ended = await asyncio.to_thread(services.store.end_deleted_jobs, document_id)
@@ -182,6 +186,13 @@ async def delete(services: ServicesDep, access: AccessDep, document_id: str) -> 
     if ended:
         services.admissions.set()  # their slots are free for held jobs
     return Response(status_code=204)
+
+
+def _generations(services: Services, collection: str) -> list[int]:
+    """The generations of a collection's index a document may be in."""
+    serving = services.store.serving(collection).generation
+    active = services.store.active_reindex(collection)
+    return sorted({serving, active.generation} if active else {serving})
 
 
 def _forget_document(services: Services, document_id: str) -> None:

@@ -136,7 +136,7 @@ async def job_events(
         **errors(
             {
                 404: "job_not_found",
-                409: ["job_not_failed", "document_deleted"],
+                409: ["job_not_failed", "document_deleted", "reindex_job"],
                 503: "broker_unavailable",
             }
         ),
@@ -147,6 +147,14 @@ async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONRe
     job = await _job_or_404(services, access, job_id)
     if job.status != "failed" or job.error is None:
         raise ApiError(409, "job_not_failed", f"Job {job_id} is {job.status}, not failed.")
+    if job.reindex_id is not None:
+        # Its message names a generation its reindex may have dropped since.
+        raise ApiError(
+            409,
+            "reindex_job",
+            f"Job {job_id} is part of reindex {job.reindex_id}; start the reindex again "
+            f"(POST /v1/collections/{job.collection}/reindex) rather than retry one job.",
+        )
     if await asyncio.to_thread(services.store.document_collection, job.document_id) is None:
         # Its work would only be dropped (the index keeps the document's tombstone).
         raise ApiError(
@@ -162,9 +170,15 @@ async def retry(services: ServicesDep, access: AccessDep, job_id: str) -> JSONRe
             RETRY_AFTER_S,
         )
     previous_error = job.error
+    serving = await asyncio.to_thread(services.store.serving, job.collection)
+    # Its dead letters name the generation it was sent to: once the collection switched,
+    # it starts over from the upload into the generation served now.
+    moved = serving.generation != job.generation
+    if moved:
+        await asyncio.to_thread(services.store.restamp, job_id)
     await asyncio.to_thread(services.store.reopen, job_id)
     try:
-        if await dlq.replay(services.broker, job_id=job_id, pipeline_only=True) == 0:
+        if moved or await dlq.replay(services.broker, job_id=job_id, pipeline_only=True) == 0:
             # Its dead letters are gone (purged or replayed elsewhere): every stage is
             # idempotent, so starting over from the upload is safe.
             await publish_upload(services, job)
