@@ -14,6 +14,7 @@ from bench.lanes import LanesRun
 from bench.overhead import Overhead
 from bench.prepare import Prepared
 from bench.raw_model import RawModel
+from bench.reindex_bench import ReindexRun
 from bench.search_latency import SearchLatency
 from bench.sluice_run import EndToEnd, Saturated
 
@@ -55,6 +56,8 @@ class Results:
     chunk_rates: dict[str, ChunkRate] | None = None
     # bench/ocr_compare.py's rows: one per document, OCR engine and DPI.
     ocr: list[dict[str, object]] | None = None
+    # The corpus re-indexed under search load (bench/reindex_bench.py).
+    reindex: ReindexRun | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
     # Per phase: CPU seconds of the benchmark and of everything else on this (shared) machine.
     phase_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -283,7 +286,44 @@ def rows(r: Results) -> list[Row]:
                 ),
             )
         )
+    if r.reindex is not None:
+        out.extend(reindex_rows(r.reindex))
     return out
+
+
+def reindex_rows(run: ReindexRun) -> list[Row]:
+    """The reindex phase: its wall time, and what searches saw before and during it."""
+    before, during, after = run.before, run.during, run.after
+    server = f", {run.server_s:.1f} s by the server's clock" if run.server_s is not None else ""
+    return [
+        Row(
+            "11",
+            "reindex of the corpus: wall s",
+            f"**{run.wall_s:.1f} s** POST to {run.state}{server} (chunk_max_tokens "
+            f"{run.chunk_max_tokens}; {run.documents} documents, {run.documents_done} re-indexed, "
+            f"{run.documents_failed} failed; chunks {run.chunks_before} → {run.chunks_after}, "
+            f"documents {run.documents} → {run.documents_after}; generation "
+            f"{run.generation_before} → {run.generation_after})",
+        ),
+        Row(
+            "11",
+            "search p99 before / during reindex (ms)",
+            f"**{before.p99_ms:.0f} / {during.p99_ms:.0f} ms** (p50 {before.p50_ms:.0f} / "
+            f"{during.p50_ms:.0f} ms; {before.searches} searches in {run.before_s:.0f} s / "
+            f"{during.searches} during, by "
+            f"{run.searchers} closed-loop searchers over {run.queries} queries)",
+        ),
+        Row(
+            "11",
+            "searches failing during reindex",
+            f"**{during.failed}** of {during.searches} (statuses {during.statuses}"
+            + (f"; first: {'; '.join(during.examples)}" if during.examples else "")
+            + f"); {before.failed} of {before.searches} before, {after.failed} of "
+            f"{after.searches} in the {run.after_s:.0f} s after",
+            "0",
+            during.failed == 0,
+        ),
+    ]
 
 
 def lanes_rows(run: LanesRun) -> list[Row]:
@@ -494,6 +534,8 @@ def as_json(r: Results) -> dict[str, Any]:
         out["search"] = {backend: asdict(latency) for backend, latency in r.search.items()}
     if r.ocr is not None:
         out["ocr"] = r.ocr
+    if r.reindex is not None:
+        out["reindex"] = asdict(r.reindex)
     return out
 
 

@@ -27,6 +27,7 @@ from bench.ocr_compare import compare as ocr_compare
 from bench.overhead import overhead
 from bench.prepare import prepare
 from bench.raw_model import measure
+from bench.reindex_bench import reindex_under_search
 from bench.report import Results, markdown, write
 from bench.search_latency import search_latency
 from bench.sluice_run import end_to_end, saturated, scale_out_end_to_end
@@ -43,6 +44,7 @@ PHASES = (
     "lanes",
     "search",
     "ocr",
+    "reindex",
 )
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
@@ -215,6 +217,18 @@ def main() -> None:
         if "ocr" in phases:
             # Scanned pages: each OCR engine at each DPI, one core (bench/ocr_compare.py).
             r.ocr = timed(r, "ocr", lambda: ocr_compare(max(2, round(6 * args.scale))))
+        if "reindex" in phases:
+            # The corpus re-indexed with other chunk sizes under search (bench/reindex_bench.py).
+            r.reindex = timed(
+                r,
+                "reindex",
+                lambda: reindex_under_search(
+                    broker, root / "reindex", docs, clients=args.clients, deadline_s=deadline
+                ),
+            )
+            if r.reindex is not None and r.reindex.state != "done":
+                # Its figures stay in the table; the run says it did not finish.
+                r.errors["reindex"] = f"the reindex ended {r.reindex.state}, not done"
     r.load_after = load_average()
     r.total_s = time.monotonic() - started
     write(r, args.out)
