@@ -107,8 +107,9 @@ class PageRange(BaseModel):
     pages: list[int] = Field(min_length=1, max_length=10_000)
     # Every page of the document, read or not.
     pages_total: int = Field(ge=1, le=MAX_COUNT)
-    # The `ParsedDocument` of the pages that have a text layer (None: there are none).
-    text_sha256: Sha256 | None = None
+    # Whether pages of it have a text layer: their `ParsedDocument` is a note beside the
+    # ranges' (stages/builtin/parse.py).
+    text_layer: bool = False
 
     @model_validator(mode="after")
     def _within_its_ranges(self) -> Self:

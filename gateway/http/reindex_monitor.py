@@ -10,7 +10,10 @@ or a job ended: `Services.reindexes`), for each reindex the store says to watch:
   document's newest indexed version (its stored parsed text: nothing is parsed again) in the
   bulk lane; documents uploaded or replaced meanwhile are caught up the same way. Then the
   store counts it and, once every document is in and no upload of the collection is in
-  flight, switches the collection to the new generation in one transaction; the monitor drops
+  flight, switches the collection to the new generation in one transaction. On a collection
+  that always has an upload in flight it waits `switch_wait_s` in `switching`, then switches
+  anyway: the uploads still in flight end in the old generation and are caught up into the
+  new one as stragglers (below). The monitor drops
   the old generation from the index `drop_after_s` later (a search that read the serving
   generation just before the switch still finds its chunks, then asks the new one).
 - a done one is watched a while longer (`straggler_window_s`): an upload that still ended
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 
 from contracts.errors import Transient
@@ -53,6 +57,11 @@ class ReindexMonitor:
         settings = services.settings
         self.room = settings.bulk_in_flight
         self.straggler_window_s = max(60.0, settings.stalled_after_s)
+        # How long a reindex waits in `switching` for the collection's uploads to end; half
+        # the straggler window, so the ones it switches past are still caught up.
+        self.switch_wait_s = self.straggler_window_s / 2
+        # When each reindex this gateway tends began `switching` (monotonic seconds).
+        self._switching_since: dict[str, float] = {}
         self.republish_after_s = settings.republish_after_s
         self.lease_s = max(settings.republish_after_s, 2 * services.broker.publish_timeout_s)
 
@@ -99,8 +108,13 @@ class ReindexMonitor:
                 await self._drop_stale(reindex, jobs)
         if reindex.active:
             after = await asyncio.to_thread(store.advance_reindex, reindex.reindex_id)
+            if after is not None and after.state == "switching" and self._waited_out(after):
+                after = await asyncio.to_thread(
+                    store.advance_reindex, reindex.reindex_id, force=True
+                )
             if after is None or after.active:
                 return
+            self._switching_since.pop(reindex.reindex_id, None)
             reindex = after
             log.info(
                 "reindex %s of %s ended %s (generation %d)",
@@ -120,6 +134,11 @@ class ReindexMonitor:
         in_flight = await asyncio.to_thread(store.reindex_in_flight, reindex.reindex_id)
         if in_flight == 0 or _age_s(reindex) > self.straggler_window_s:
             await self._drop(reindex, reindex.generation)
+
+    def _waited_out(self, reindex: Reindex) -> bool:
+        """Whether `reindex` has waited `switch_wait_s` in `switching` for uploads to end."""
+        since = self._switching_since.setdefault(reindex.reindex_id, time.monotonic())
+        return time.monotonic() - since >= self.switch_wait_s
 
     async def _drop(self, reindex: Reindex, generation: int) -> None:
         name = index_name(reindex.collection, generation)

@@ -114,10 +114,11 @@ class CollectionCounts:
 
 @dataclass(frozen=True)
 class JobBlobs:
-    """The blobs a job wrote."""
+    """The blobs a job wrote (and its id: its notes in the blob store are named after it)."""
 
     blob_sha256: str
     parsed_sha256: str | None
+    job_id: str = ""
 
 
 class JobStore(ReindexStore, Protocol):

@@ -421,14 +421,15 @@ class SqliteJobStore(SqliteReindexes):
         returns the blobs its jobs wrote."""
         with self._tx() as db:
             rows = db.execute(
-                "SELECT blob_sha256, parsed_sha256 FROM jobs WHERE document_id = ?", (document_id,)
+                "SELECT job_id, blob_sha256, parsed_sha256 FROM jobs WHERE document_id = ?",
+                (document_id,),
             ).fetchall()
             db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
             db.execute(
                 "UPDATE jobs SET idempotency_key = NULL, key_owner = NULL WHERE document_id = ?",
                 (document_id,),
             )
-        return [JobBlobs(r["blob_sha256"], r["parsed_sha256"]) for r in rows]
+        return [JobBlobs(r["blob_sha256"], r["parsed_sha256"], r["job_id"]) for r in rows]
 
     def recorded_collection(self, document_id: str) -> str | None:
         """The collection of a live document, or of a deleted one by its jobs' history."""

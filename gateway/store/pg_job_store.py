@@ -413,10 +413,12 @@ class PgJobStore(PgReindexes):
                 (document_id,),
             )
             cur.execute(
-                "SELECT blob_sha256, parsed_sha256 FROM sluice_jobs WHERE document_id = %s",
+                "SELECT job_id, blob_sha256, parsed_sha256 FROM sluice_jobs WHERE document_id = %s",
                 (document_id,),
             )
-            return [JobBlobs(r["blob_sha256"], r["parsed_sha256"]) for r in cur.fetchall()]
+            return [
+                JobBlobs(r["blob_sha256"], r["parsed_sha256"], r["job_id"]) for r in cur.fetchall()
+            ]
 
         return self._db.run(work)
 

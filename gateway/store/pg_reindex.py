@@ -90,9 +90,11 @@ class PgReindexes:
             lambda cur: _QUERIES.unconfirmed(_execute(cur), reindex_id, before, until, self._now())
         )
 
-    def advance_reindex(self, reindex_id: str) -> Reindex | None:
+    def advance_reindex(self, reindex_id: str, *, force: bool = False) -> Reindex | None:
         """Count the reindex's progress and fail, wait or switch it."""
-        return self._db.run(lambda cur: _QUERIES.advance(_execute(cur), self._now(), reindex_id))
+        return self._db.run(
+            lambda cur: _QUERIES.advance(_execute(cur), self._now(), reindex_id, force=force)
+        )
 
     def cancel_reindex(self, collection: str) -> Reindex | None:
         """End the collection's active reindex as cancelled."""

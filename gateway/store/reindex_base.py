@@ -142,11 +142,12 @@ class ReindexStore(Protocol):
         gateway died before the publish), leased for `lease_s`: to publish again."""
         ...
 
-    def advance_reindex(self, reindex_id: str) -> Reindex | None:
+    def advance_reindex(self, reindex_id: str, *, force: bool = False) -> Reindex | None:
         """Count the reindex's progress and move it on, in one transaction: `failed` when a
         job of a live document's version failed; with every document in and nothing to add,
-        `switching` while an upload of the collection is in flight, else switched: the
-        collection serves the generation and the reindex is `done`."""
+        `switching` while an upload of the collection is in flight (unless `force`: the
+        monitor's wait for them ran out), else switched: the collection serves the generation
+        and the reindex is `done`."""
         ...
 
     def cancel_reindex(self, collection: str) -> Reindex | None:

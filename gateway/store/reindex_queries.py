@@ -404,7 +404,9 @@ class ReindexQueries:
         )
         return counts
 
-    def advance(self, ex: Execute, now: object, reindex_id: str) -> Reindex | None:
+    def advance(
+        self, ex: Execute, now: object, reindex_id: str, *, force: bool = False
+    ) -> Reindex | None:
         """Count, then fail, wait, or switch (reindex_base.ReindexStore.advance_reindex)."""
         if self.get(ex, reindex_id) is None:
             return None
@@ -425,7 +427,7 @@ class ReindexQueries:
             or self._run(ex, f"{_TO_ADD} LIMIT 1", params).fetchone() is not None
         ):
             self._set_state(ex, reindex_id, "running")
-        elif self._run(ex, _UPLOAD_IN_FLIGHT, params).fetchone() is not None:
+        elif not force and self._run(ex, _UPLOAD_IN_FLIGHT, params).fetchone() is not None:
             self._set_state(ex, reindex_id, "switching")
         else:
             # The switch: one row says which generation search answers from, in the same

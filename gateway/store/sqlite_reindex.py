@@ -90,10 +90,10 @@ class SqliteReindexes:
                 _execute(db), reindex_id, self._at(-older_than_s), self._at(lease_s), self._at()
             )
 
-    def advance_reindex(self, reindex_id: str) -> Reindex | None:
+    def advance_reindex(self, reindex_id: str, *, force: bool = False) -> Reindex | None:
         """Count the reindex's progress and fail, wait or switch it."""
         with self._tx() as db:
-            return _QUERIES.advance(_execute(db), self._at(), reindex_id)
+            return _QUERIES.advance(_execute(db), self._at(), reindex_id, force=force)
 
     def cancel_reindex(self, collection: str) -> Reindex | None:
         """End the collection's active reindex as cancelled."""

@@ -137,3 +137,10 @@ class LocalBlobStore:
     def delete_note(self, name: str) -> None:
         """Remove a note if present."""
         (self._notes / check_note_name(name)).unlink(missing_ok=True)
+
+    def delete_notes(self, prefix: str) -> None:
+        """Remove every note whose name starts with `prefix`."""
+        check_note_name(prefix)
+        if self._notes.is_dir():
+            for note in self._notes.glob(f"{prefix}*"):
+                note.unlink(missing_ok=True)

@@ -76,6 +76,10 @@ class BlobStore(Protocol):
         """Remove a note if present."""
         ...
 
+    def delete_notes(self, prefix: str) -> None:
+        """Remove every note whose name starts with `prefix` (a note name's start)."""
+        ...
+
 
 @dataclass(frozen=True)
 class IndexHit:

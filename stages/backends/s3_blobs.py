@@ -189,6 +189,15 @@ class S3BlobStore:
         with self._translated():
             self._client.delete_object(Bucket=self.bucket, Key=self.note_key(name))
 
+    def delete_notes(self, prefix: str) -> None:
+        """Remove every note whose name starts with `prefix` (listed, then deleted by key)."""
+        start = self.note_key(prefix)
+        with self._translated():
+            pages = self._client.get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=start):
+                for found in page.get("Contents", []):
+                    self._client.delete_object(Bucket=self.bucket, Key=found["Key"])
+
     def ping(self) -> None:
         """Raise `Transient` if the bucket cannot be reached with these credentials."""
         with self._translated():

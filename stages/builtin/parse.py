@@ -8,10 +8,11 @@ memory limit per page, so memory stays flat whatever the page count. Each range'
 note in the blob store; the worker that finds every range's note there puts the document
 together and hands it on, as if one parse had read it all.
 
-Every step survives a crash: a range read twice writes the same note, two workers that both
-find the last note there both hand on the same document (the chunk stage's ids make that
-harmless), and the note of the whole document is written before the ranges' notes go, so a
-range that comes back after that finds the document already put together.
+The notes are named after the job, so deleting the document removes them (and what a failed
+job left). Every step survives a crash: a range read twice writes the same note, two workers
+that both find the last note there both hand on the same document (the chunk stage's ids make
+that harmless), and the note of the whole document is written before the ranges' notes go,
+so a range that comes back after that finds the document already put together.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def _ranges(
     msg: DocumentUploaded, found: FirstRead, ctx: ParseContext
 ) -> list[DocumentParsed | DocumentUploaded]:
     """The pages still to read, as ranges for the parse queue (the text found so far stored)."""
-    text_sha256 = ctx.blobs.put_bytes(found.text.model_dump_json().encode()) if found.text else None
+    if found.text is not None:
+        ctx.blobs.put_note(_text_note(msg), found.text.model_dump_json().encode())
     step = ctx.pages_per_range
     pages = found.to_read
     total = found.pages or len(pages)
@@ -142,7 +144,7 @@ def _ranges(
                     count=count,
                     pages=list(pages[i * step : (i + 1) * step]),
                     pages_total=total,
-                    text_sha256=text_sha256,
+                    text_layer=found.text is not None,
                 )
             }
         )
@@ -157,23 +159,35 @@ async def _read_range(
     already = ctx.blobs.read_note(_whole_note(msg))
     if already is not None:
         return [_handed_on(msg, pages, already.decode())]
+    if ctx.ocr is None:
+        # A worker with OCR off (a fleet half upgraded, or OCR turned off while ranges
+        # waited) must not hand on a document without these pages: another worker may read
+        # them, or a person turns OCR back on and retries the job.
+        raise Transient(
+            f"Pages {pages.pages[0]}-{pages.pages[-1]} of this document need OCR, which is off "
+            "on this parse worker (SLUICE_OCR=false); turn it on and retry the job.",
+            code="ocr_disabled",
+        )
     sections: list[Section] = []
-    # With OCR turned off while ranges waited, their pages stay unread and the rest goes on.
-    if ctx.ocr is not None:
-        with ctx.blobs.as_file(msg.blob_sha256) as source:
-            for page in pages.pages:
-                text = await ctx.ocr.run(ocr_page, source, msg.content_type, page, ctx.ocr_engine)
-                OCR_PAGES.labels(ctx.ocr_engine).inc()
-                if sum(c.isalnum() for c in text) >= _LEGIBLE_CHARS:
-                    sections.append(Section(text=text, page=page))
+    with ctx.blobs.as_file(msg.blob_sha256) as source:
+        for page in pages.pages:
+            text = await ctx.ocr.run(ocr_page, source, msg.content_type, page, ctx.ocr_engine)
+            OCR_PAGES.labels(ctx.ocr_engine).inc()
+            if sum(c.isalnum() for c in text) >= _LEGIBLE_CHARS:
+                sections.append(Section(text=text, page=page))
     ctx.blobs.put_note(_range_note(msg, pages.index, pages.count), _SECTIONS.dump_json(sections))
     ranges = [ctx.blobs.read_note(_range_note(msg, i, pages.count)) for i in range(pages.count)]
     if any(r is None for r in ranges):
         return []
     found = [section for r in ranges if r is not None for section in _SECTIONS.validate_json(r)]
-    if pages.text_sha256 is not None:
-        layer = ParsedDocument.model_validate_json(ctx.blobs.read_bytes(pages.text_sha256))
-        found.extend(layer.sections)
+    if pages.text_layer:
+        layer = ctx.blobs.read_note(_text_note(msg))
+        if layer is None:
+            raise Transient(
+                f"the text layer of {msg.filename!r} is not in the blob store (yet)",
+                code="blob_missing",
+            )
+        found.extend(ParsedDocument.model_validate_json(layer).sections)
     found.sort(key=lambda s: s.page or 0)
     whole = whole_document(
         msg.content_type, pages.pages_total, found, ctx.limits, read_with_ocr=True
@@ -183,6 +197,7 @@ async def _read_range(
     ctx.blobs.put_note(_whole_note(msg), parsed.parsed_sha256.encode())
     for i in range(pages.count):
         ctx.blobs.delete_note(_range_note(msg, i, pages.count))
+    ctx.blobs.delete_note(_text_note(msg))
     return [parsed]
 
 
@@ -207,6 +222,10 @@ def _handed_on(msg: DocumentUploaded, pages: PageRange, parsed_sha256: str) -> D
 
 def _range_note(msg: DocumentUploaded, index: int, count: int) -> str:
     return f"ocr-{msg.job_id}-{msg.blob_sha256[:16]}-{index}-of-{count}"
+
+
+def _text_note(msg: DocumentUploaded) -> str:
+    return f"ocr-{msg.job_id}-{msg.blob_sha256[:16]}-text"
 
 
 def _whole_note(msg: DocumentUploaded) -> str:

@@ -140,6 +140,19 @@ async def test_a_mixed_pdf_keeps_its_text_pages_and_reads_its_scanned_ones(
     assert PAGES[0] in " ".join(first["text"].split())
 
 
+async def test_deleting_a_scan_leaves_none_of_its_text_in_the_blob_store(
+    api: httpx.AsyncClient, scanning: Pipeline
+) -> None:
+    mixed = make_mixed_pdf(PAGES, scanned={2})
+    job = await ingest(api, "to-delete.pdf", mixed, f"gone-{uuid.uuid4().hex[:8]}")
+    assert job["status"] == "indexed", job["error"]
+    notes = scanning.data_dir / "blobs" / "notes"
+    assert any(job["job_id"] in n.name for n in notes.iterdir())
+    answer = await api.delete(f"/v1/documents/{job['document_id']}")
+    assert answer.status_code == 204, answer.text
+    assert not [n.name for n in notes.iterdir() if job["job_id"] in n.name]
+
+
 async def test_a_big_scan_is_shared_by_two_parse_processes_with_bounded_memory(
     api: httpx.AsyncClient, scanning: Pipeline, metrics_ports: dict[str, int]
 ) -> None:

@@ -170,6 +170,15 @@ def test_notes_are_written_whole_replaced_and_deleted(store: BlobStore) -> None:
     assert store.read_note("ocr-j1-x-0-of-2") is None
 
 
+def test_notes_are_deleted_by_the_start_of_their_names(store: BlobStore) -> None:
+    for name in ("ocr-j1-a-0-of-2", "ocr-j1-a-whole", "ocr-j12-a-whole", "ocr-j2-a-whole"):
+        store.put_note(name, b"x")
+    store.delete_notes("ocr-j1-")
+    assert [store.read_note(n) for n in ("ocr-j1-a-0-of-2", "ocr-j1-a-whole")] == [None, None]
+    assert store.read_note("ocr-j12-a-whole") == store.read_note("ocr-j2-a-whole") == b"x"
+    store.delete_notes("ocr-j9-")  # none: harmless
+
+
 @pytest.mark.parametrize("name", ["", "../escape", "a/b", "UPPER", "a..b", "x" * 201])
 def test_a_note_name_is_never_a_path(store: BlobStore, name: str) -> None:
     with pytest.raises(ValueError):

@@ -18,7 +18,7 @@ from documents import (
 )
 
 from contracts import events, media, routing
-from contracts.errors import Permanent
+from contracts.errors import Permanent, Transient
 from contracts.messages import DocumentParsed, DocumentUploaded, ParsedDocument
 from contracts.pipeline import default_pipeline
 from contracts.settings import Settings
@@ -67,6 +67,12 @@ def upload(ctx: parse.ParseContext, data: bytes, content_type: str) -> DocumentU
     )
 
 
+def ctx_settings_dir(ctx: parse.ParseContext) -> Path:
+    """Where the context's local blob store keeps its files."""
+    root: Path = ctx.blobs._root  # type: ignore[attr-defined]
+    return root
+
+
 def document(ctx: parse.ParseContext, out: DocumentParsed) -> ParsedDocument:
     return ParsedDocument.model_validate_json(ctx.blobs.read_bytes(out.parsed_sha256))
 
@@ -99,9 +105,13 @@ async def test_a_mixed_pdf_sends_only_its_scanned_pages_to_ocr(ctx: parse.ParseC
     msg = upload(ctx, make_mixed_pdf(PAGES, scanned={2}), media.PDF)
     (only,) = await split(msg, ctx)
     assert only.ocr_range is not None
-    assert only.ocr_range.pages == [2] and only.ocr_range.text_sha256 is not None
+    assert only.ocr_range.pages == [2] and only.ocr_range.text_layer
     sections = document(ctx, await handed_on(only, ctx)).sections
     assert [s.page for s in sections] == [1, 2, 3]
+    # What the ranges kept on the way is gone once the whole is stored; only the note that
+    # points at the whole stays, for a range that comes back (deleted with the document).
+    notes = sorted(p.name for p in (ctx_settings_dir(ctx) / "notes").iterdir())
+    assert len(notes) == 1 and notes[0].endswith("-whole"), notes
     # The text layer's pages are taken as they are, word for word.
     assert [" ".join(sections[i].text.split()) for i in (0, 2)] == [PAGES[0], PAGES[2]]
     assert "kettles" in sections[1].text.lower()
@@ -158,3 +168,19 @@ async def test_parse_of_a_scan_ends_only_when_every_range_is_read(
     assert state.status == "chunking"
     assert state.stages["parse"].finished_at is not None
     assert state.stages["parse"].finished_at <= datetime.now(UTC)
+
+
+async def test_a_worker_with_ocr_off_hands_on_no_document_missing_pages(
+    ctx: parse.ParseContext, settings: Settings
+) -> None:
+    (only,) = await split(upload(ctx, make_mixed_pdf(PAGES, scanned={2}), media.PDF), ctx)
+    # Another parse worker, of the same deployment, with OCR off.
+    off = await parse.startup(settings.model_copy(update={"ocr": False}))
+    try:
+        with pytest.raises(Transient) as raised:
+            await parse.handle(only, off)
+        assert raised.value.code == "ocr_disabled"
+    finally:
+        await parse.STAGE.shutdown(off)
+    # The range is still there for a worker that reads it.
+    assert [s.page for s in document(ctx, await handed_on(only, ctx)).sections] == [1, 2, 3]

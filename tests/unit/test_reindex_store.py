@@ -127,6 +127,24 @@ def test_the_switch_waits_for_an_upload_in_flight_and_catches_it_up(store: JobSt
     assert done is not None and done.state == "done"
 
 
+def test_a_forced_switch_goes_past_uploads_in_flight_which_are_caught_up_after(
+    store: JobStore,
+) -> None:
+    # A busy collection: an upload is always in flight, so the monitor stops waiting.
+    store.start_reindex("r1", "books", SMALL)
+    finish(store, "r1")
+    uploaded(store, "u3", "d3")
+    assert store.advance_reindex("r1").state == "switching"  # type: ignore[union-attr]
+    done = store.advance_reindex("r1", force=True)
+    assert done is not None and done.state == "done"
+    assert store.serving("books").generation == 1
+    # The upload was stamped with the old generation; once it ends there, it is caught up.
+    assert store.index_target("u3").generation == 0
+    indexed(store, "u3", "d3")
+    (catch_up,) = store.add_reindex_jobs("r1", 100)
+    assert (catch_up.document_id, catch_up.generation, catch_up.source_generation) == ("d3", 1, 0)
+
+
 def test_a_failed_job_fails_the_reindex_and_serving_stays(store: JobStore) -> None:
     store.start_reindex("r1", "books", SMALL)
     job, _ = store.add_reindex_jobs("r1", 100)

@@ -198,6 +198,9 @@ def _generations(services: Services, collection: str) -> list[int]:
 def _forget_document(services: Services, document_id: str) -> None:
     """Drop the document from the job store and the blobs no live document still uses."""
     for job_blobs in services.store.delete_document(document_id):
+        if job_blobs.job_id:
+            # What OCR kept of the job's scan on the way (stages/builtin/parse.py).
+            services.blobs.delete_notes(f"ocr-{job_blobs.job_id}-")
         for sha256 in (job_blobs.blob_sha256, job_blobs.parsed_sha256):
             if not sha256:
                 continue
