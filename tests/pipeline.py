@@ -89,7 +89,8 @@ class Pipeline:
         return "\n".join(parts)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -166,7 +167,7 @@ def launch(
     stage, a second gateway), `process_env` gives one process settings of its own and
     `namespace` is the queue prefix (a fresh one unless given)."""
     namespace = namespace or f"t{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     # Names only: a plug-in stage's module is on the processes' PYTHONPATH, maybe not ours.
     chosen = settings.get("SLUICE_STAGES", DEFAULT_STAGES)
     stages = tuple(name.strip() for name in chosen.split(",") if name.strip())

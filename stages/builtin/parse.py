@@ -158,7 +158,7 @@ async def _read_range(
     """Read one range of pages with OCR; the worker that completes the set hands on the whole."""
     already = ctx.blobs.read_note(_whole_note(msg))
     if already is not None:
-        return [_handed_on(msg, pages, already.decode())]
+        return [_handed_on(msg, already.decode(), pages.pages_total)]
     if ctx.ocr is None:
         # A worker with OCR off (a fleet half upgraded, or OCR turned off while ranges
         # waited) must not hand on a document without these pages: another worker may read
@@ -202,21 +202,14 @@ async def _read_range(
 
 
 def _parsed(msg: DocumentUploaded, blobs: BlobStore, document: ParsedDocument) -> DocumentParsed:
+    """`document` stored, and handed on."""
     parsed_sha256 = blobs.put_bytes(document.model_dump_json().encode())
-    return DocumentParsed(
-        **msg.envelope(),
-        blob_sha256=msg.blob_sha256,
-        parsed_sha256=parsed_sha256,
-        pages=document.pages,
-    )
+    return _handed_on(msg, parsed_sha256, document.pages)
 
 
-def _handed_on(msg: DocumentUploaded, pages: PageRange, parsed_sha256: str) -> DocumentParsed:
+def _handed_on(msg: DocumentUploaded, parsed_sha256: str, pages: int | None) -> DocumentParsed:
     return DocumentParsed(
-        **msg.envelope(),
-        blob_sha256=msg.blob_sha256,
-        parsed_sha256=parsed_sha256,
-        pages=pages.pages_total,
+        **msg.envelope(), blob_sha256=msg.blob_sha256, parsed_sha256=parsed_sha256, pages=pages
     )
 
 

@@ -51,7 +51,7 @@ from contracts import media
 from contracts.errors import Permanent, Transient
 
 # pdf.py owns PDFium access (its lock, its errors) and the text clean-up; OCR shares both.
-from stages.formats.pdf import PDFIUM_LOCK, clean_text, open_pdf
+from stages.formats.pdf import PDFIUM_LOCK, clean_text, damaged_page, open_pdf
 
 OCR_ENGINES = ("tesseract", "rapidocr")
 DEFAULT_OCR_ENGINE = "tesseract"
@@ -156,12 +156,7 @@ def render_pdf_page(path: pathlib.Path, page: int, dpi: int) -> Image.Image:
                 finally:
                     pdf_page.close()
             except pdfium.PdfiumError as exc:
-                raise Permanent(
-                    f"Page {page} of the PDF could not be rendered for OCR "
-                    f"({str(exc).rstrip('.')}); the file may be damaged. Re-export it and upload "
-                    "it again.",
-                    code="unreadable_pdf",
-                ) from exc
+                raise damaged_page(page, "rendered for OCR", exc) from exc
         finally:
             document.close()
 

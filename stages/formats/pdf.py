@@ -100,13 +100,17 @@ def _page_section(document: pdfium.PdfDocument, index: int) -> Section:
         finally:
             page.close()
     except pdfium.PdfiumError as exc:
-        raise Permanent(
-            f"Page {index + 1} of the PDF could not be read ({str(exc).rstrip('.')}); the file "
-            "may be damaged. "
-            "Re-export it and upload it again.",
-            code="unreadable_pdf",
-        ) from exc
+        raise damaged_page(index + 1, "read", exc) from exc
     return Section(text=clean_text(text), page=index + 1)
+
+
+def damaged_page(page: int, doing: str, exc: pdfium.PdfiumError) -> Permanent:
+    """The error of a PDF page PDFium could not be `doing` ("read", "rendered for OCR")."""
+    return Permanent(
+        f"Page {page} of the PDF could not be {doing} ({str(exc).rstrip('.')}); the file may "
+        "be damaged. Re-export it and upload it again.",
+        code="unreadable_pdf",
+    )
 
 
 def clean_text(text: str) -> str:

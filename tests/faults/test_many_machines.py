@@ -9,14 +9,13 @@ alternate between the gateways; one gateway is killed with -9 mid-burst and rest
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
 from broker import BrokerHandle, PrivateBroker
 from invariants import assert_nothing_lost
-from pipeline import Pipeline, launch, sluice_command, stop_pipeline, wait_for_job
+from pipeline import Pipeline, free_port, launch, sluice_command, stop_pipeline, wait_for_job
 from postgres import PostgresHandle
 from s3 import S3StandIn
 
@@ -26,19 +25,12 @@ from stages.backends.factory import open_index
 PROCESSES = ("gateway", "gateway-b", "parse", "chunk", "embed", "index")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def scale_out(
     broker: BrokerHandle, root: Path, postgres: PostgresHandle, s3: S3StandIn, **settings: str
 ) -> Pipeline:
     """The pipeline on shared stores, each process with its own empty data directory."""
     database = postgres.database("many")
-    port_b = _free_port()
+    port_b = free_port()
     return launch(
         broker,
         root,

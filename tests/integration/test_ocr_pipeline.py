@@ -21,7 +21,7 @@ from documents import (
     make_text_pdf_pages,
     make_tiff_of_pages,
 )
-from pipeline import Pipeline, launch, sluice_command, stop_pipeline, wait_for_job
+from pipeline import Pipeline, free_port, launch, sluice_command, stop_pipeline, wait_for_job
 from prometheus_client.parser import text_string_to_metric_families
 
 # One distinctive sentence a page, so a search names the page it was read on.
@@ -33,16 +33,6 @@ PAGES = [
 BIG_SCAN_PAGES = 200
 # Per OCR worker process, whatever the page count (the figure the test prints is the measure).
 WORKER_RSS_LIMIT_MB = 600
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

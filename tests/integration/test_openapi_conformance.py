@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from broker import BrokerHandle
-from pipeline import sluice_command
+from pipeline import free_port, sluice_command
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +58,7 @@ class Gateway:
 @contextmanager
 def running_gateway(broker: BrokerHandle, root: Path, **settings: str) -> Iterator[Gateway]:
     """`sluice gateway` alone, on a free loopback port, until the block ends."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "SLUICE_AMQP_URL": broker.amqp_url,
@@ -85,12 +84,6 @@ def running_gateway(broker: BrokerHandle, root: Path, **settings: str) -> Iterat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(gateway: Gateway, process: subprocess.Popen[bytes]) -> None:

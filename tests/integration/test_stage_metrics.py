@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from broker import BrokerHandle
 from documents import make_image_only_pdf, make_markdown, make_pdf
-from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
+from pipeline import Pipeline, free_port, start_pipeline, stop_pipeline, wait_for_job
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
@@ -22,14 +21,6 @@ from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 # Small batches, so the larger documents fan out into several embed and index messages.
 CHUNKS_PER_MESSAGE = 4
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+from pipeline import free_port
 from s3 import ACCESS_KEY, SECRET_KEY, S3StandIn
 
 from contracts.errors import SluiceError, Transient
@@ -214,13 +214,6 @@ def test_s3_url_without_a_bucket_is_a_usage_error(url: str, tmp_path: Path) -> N
     with pytest.raises(SluiceError) as raised:
         S3BlobStore.from_url(url, cache_dir=tmp_path)
     assert raised.value.code == "usage_error"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_s3_unreachable_endpoint_is_transient_and_names_the_bucket(
