@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from bench.prepare import CONSTANT_VECTOR, DIMENSIONS, Recording
 from contracts import pipeline
 from contracts.messages import (
@@ -37,9 +40,9 @@ class ZeroCostEmbedder:
 
     dimensions = DIMENSIONS
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """The constant vector, once per text."""
-        return [CONSTANT_VECTOR for _ in texts]
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """The constant vector, once per text, as a matrix (what a real embedder answers)."""
+        return np.tile(np.asarray(CONSTANT_VECTOR, dtype=np.float32), (len(texts), 1))
 
 
 def _recording() -> Recording:

@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.corpus import Document
 from bench.inproc import InProcess, bench_settings
-from contracts.messages import ChunkBatch, DocumentParsed, EmbeddedBatch, EmbeddedChunk
+from contracts.messages import ChunkBatch, DocumentParsed, EmbeddedBatch, PackedVectors
 from stages.backends.protocols import embedding_text
 
 # The zero-cost embedder answers this unit vector for every text (see bench/passthrough.py).
@@ -79,8 +79,10 @@ class Prepared:
 
 def zero_cost_embedded(batch: ChunkBatch) -> EmbeddedBatch:
     """The embedded batch Sluice publishes for `batch` when every vector is the constant one."""
-    chunks = [EmbeddedChunk(**c.model_dump(), vector=CONSTANT_VECTOR) for c in batch.chunks]
-    return EmbeddedBatch(**batch.model_dump(exclude={"chunks"}), chunks=chunks)
+    vectors = PackedVectors.pack([CONSTANT_VECTOR for _ in batch.chunks], DIMENSIONS)
+    # Not the chunk batch's version: an embedded batch has its own.
+    fields = batch.model_dump(exclude={"chunks", "version"})
+    return EmbeddedBatch(**fields, chunks=batch.chunks, vectors=vectors)
 
 
 async def prepare(docs: list[Document], work_dir: Path) -> Prepared:

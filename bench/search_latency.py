@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from postgres import start_postgres
 
-from contracts.messages import EmbeddedBatch, EmbeddedChunk
+from contracts.messages import VECTOR_DTYPE, Chunk, EmbeddedBatch, PackedVectors
 from stages.backends.lance_index import LanceIndex
 from stages.backends.pg_index import PgVectorIndex
 from stages.backends.protocols import VectorIndex
@@ -59,20 +59,22 @@ def unit_vectors(rng: np.random.Generator, count: int) -> np.ndarray:
 def _fill_lance(index: LanceIndex, vectors: np.ndarray) -> None:
     """One upsert (one LanceDB write) per `_WRITE_ROWS` chunks, as the index stage writes."""
     for start in range(0, len(vectors), _WRITE_ROWS):
-        block = vectors[start : start + _WRITE_ROWS].tolist()
+        block = vectors[start : start + _WRITE_ROWS].astype(VECTOR_DTYPE)
         # Built without validation: the values are ours, and checking 4M floats is slow.
         chunks = [
-            EmbeddedChunk.model_construct(
+            Chunk.model_construct(
                 chunk_id=f"c{start + i}",
                 chunk_index=start + i,
                 text=f"chunk {start + i}",
                 page=None,
                 heading=None,
                 keywords=None,
-                vector=vector,
             )
-            for i, vector in enumerate(block)
+            for i in range(len(block))
         ]
+        packed = PackedVectors.model_construct(
+            count=len(block), dimensions=DIMENSIONS, data=block.tobytes()
+        )
         batch = EmbeddedBatch.model_construct(
             job_id="j",
             document_id=f"d{start}",
@@ -82,6 +84,7 @@ def _fill_lance(index: LanceIndex, vectors: np.ndarray) -> None:
             batch_count=1,
             chunks_total=len(chunks),
             chunks=chunks,
+            vectors=packed,
         )
         index.upsert("bench", [batch])
 

@@ -1,7 +1,9 @@
 """The messages that ride the `doc.*` data plane, one model per hop, with a schema version.
 
 Large payloads never ride the broker: raw uploads and parsed text live in the blob store and
-messages carry their sha256 (claim-check). Chunk batches and their vectors ride inline.
+messages carry their sha256 (claim-check). Chunk batches and their vectors ride inline; an
+embedded batch's vectors as one packed float32 matrix in base64 (`PackedVectors`), since its
+version 2: vectors as JSON lists of floats (version 1) are still read, and converted.
 """
 
 from __future__ import annotations
@@ -9,7 +11,16 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 
 from contracts.routing import INTERACTIVE, Lane
 
@@ -162,10 +173,72 @@ class Chunk(BaseModel):
     keywords: list[str] | None = None
 
 
-class EmbeddedChunk(Chunk):
-    """A chunk with its normalised embedding."""
+# The widest vector a batch may carry: pgvector's `vector` type holds up to 16,000 dimensions,
+# and no embedding model in use comes near it.
+MAX_DIMENSIONS = 16_000
+# How vectors are packed: float32, as both indexes store them, little-endian whatever the host.
+VECTOR_DTYPE = np.dtype("<f4")
 
-    vector: list[float]
+
+class PackedVectors(BaseModel):
+    """`count` vectors of `dimensions` floats as one matrix: row i is chunk i's vector.
+
+    Packed (base64 in the JSON body, so the body is still one signed JSON message), 64 vectors
+    of 384 dimensions are 131 KB rather than 515 KB of float lists, and are read with one
+    `np.frombuffer` rather than 24,576 floats parsed one by one (bench/vector_codec.py measures
+    both). Checked on the way in like every field: its length, and no NaN or inf.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    count: int = Field(ge=0, le=MAX_COUNT)
+    # 0 only for no vectors: an empty batch converted from version 1 names no dimension.
+    dimensions: int = Field(ge=0, le=MAX_DIMENSIONS)
+    # `count` by `dimensions` little-endian float32s, row by row.
+    data: bytes
+
+    @model_validator(mode="after")
+    def _a_finite_matrix(self) -> Self:
+        if self.count and not self.dimensions:
+            raise ValueError(f"{self.count} vectors of 0 dimensions")
+        expected = self.count * self.dimensions * VECTOR_DTYPE.itemsize
+        if len(self.data) != expected:
+            raise ValueError(
+                f"{len(self.data)} bytes of vectors, where {self.count} vectors of "
+                f"{self.dimensions} float32s take {expected}"
+            )
+        finite = np.isfinite(self.matrix).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)[:10].tolist()
+            raise ValueError(f"vectors {rows} (row numbers) hold NaN or infinite values")
+        return self
+
+    @property
+    def matrix(self) -> npt.NDArray[np.float32]:
+        """The vectors as a read-only (count, dimensions) float32 array."""
+        # A view of `data`, not a copy: a microsecond however many vectors, so not cached
+        # (a cached array would make the model's equality ambiguous).
+        return np.frombuffer(self.data, dtype=VECTOR_DTYPE).reshape(self.count, self.dimensions)
+
+    @classmethod
+    def pack(cls, vectors: npt.ArrayLike, dimensions: int | None = None) -> PackedVectors:
+        """Pack a (count, dimensions) matrix, or a list of equally long vectors; `dimensions`
+        names the width of an empty one."""
+        # A value beyond float32's range becomes inf, which validation refuses.
+        with np.errstate(over="ignore"):
+            matrix = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE)
+        if matrix.size == 0:
+            matrix = matrix.reshape(0, dimensions or 0)
+        if matrix.ndim != 2:
+            raise ValueError(f"vectors must be a matrix, not an array of shape {matrix.shape}")
+        count, width = matrix.shape
+        return cls(count=count, dimensions=width, data=matrix.tobytes())
+
+
+# What a version 1 batch's vectors were: a list of floats per chunk.
+_V1_VECTORS: TypeAdapter[list[list[float]]] = TypeAdapter(list[list[float]])
 
 
 class _Batch(Message):
@@ -203,9 +276,47 @@ class ChunkBatch(_Batch):
 
 
 class EmbeddedBatch(_Batch):
-    """A chunk batch with a vector per chunk."""
+    """A chunk batch with a vector per chunk, packed: row i of `vectors` is `chunks[i]`'s.
 
-    chunks: list[EmbeddedChunk]
+    Version 2. A version 1 body (each chunk with its `vector` list: queued by an older
+    release, or replayed from a dead-letter queue) is read as the same batch, converted.
+    """
+
+    # Only this message moved to version 2; the others stay at `SCHEMA_VERSION`.
+    version: Literal[2] = 2  # type: ignore[assignment]
+    chunks: list[Chunk]
+    vectors: PackedVectors
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_version_1(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("version") != 1:
+            return data
+        chunks = data.get("chunks")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, dict) and "vector" in c for c in chunks
+        ):
+            raise ValueError("a version 1 embedded batch needs a `vector` in every chunk")
+        vectors = _V1_VECTORS.validate_python([c["vector"] for c in chunks])
+        if len({len(v) for v in vectors}) > 1:
+            raise ValueError("the vectors of a version 1 embedded batch differ in length")
+        return {
+            **data,
+            "version": 2,
+            "chunks": [{k: v for k, v in c.items() if k != "vector"} for c in chunks],
+            "vectors": PackedVectors.pack(vectors),
+        }
+
+    @model_validator(mode="after")
+    def _one_vector_per_chunk(self) -> Self:
+        if self.vectors.count != len(self.chunks):
+            raise ValueError(f"{self.vectors.count} vectors for {len(self.chunks)} chunks")
+        return self
+
+    @property
+    def matrix(self) -> npt.NDArray[np.float32]:
+        """The batch's vectors, one row per chunk, read-only float32."""
+        return self.vectors.matrix
 
 
 class WebhookRequest(Message):

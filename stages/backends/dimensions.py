@@ -17,7 +17,8 @@ from contracts.messages import EmbeddedBatch
 def check_dimensions(collection: str, held: int | None, batches: Sequence[EmbeddedBatch]) -> None:
     """Permanent `model_dimensions` unless every vector of `batches` has the dimension the
     index name already holds (`held`; None: nothing yet, and then one of their own)."""
-    seen = {len(c.vector) for b in batches for c in b.chunks}
+    # An empty batch has no vectors, so no dimension to disagree with.
+    seen = {b.vectors.dimensions for b in batches if b.chunks}
     expected = held if held is not None else min(seen, default=None)
     if expected is None or seen <= {expected}:
         return

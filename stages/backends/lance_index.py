@@ -31,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import numpy as np
 import pyarrow as pa
 
 from contracts.errors import StorageFull, is_disk_full
@@ -172,23 +173,6 @@ class LanceIndex:
             if not batches:
                 return
         live = self._completed(collection, batches)
-        rows = [
-            {
-                "chunk_id": c.chunk_id,
-                "document_id": b.document_id,
-                "job_id": b.job_id,
-                "filename": b.filename,
-                "chunk_index": c.chunk_index,
-                "page": c.page,
-                "heading": c.heading,
-                "text": c.text,
-                "keywords": c.keywords,
-                "vector": c.vector,
-                "live": (b.document_id, b.job_id) in live,
-            }
-            for b in batches
-            for c in b.chunks
-        ]
         arrived = {
             _ledger_key(collection, b): {
                 "key": _ledger_key(collection, b),
@@ -200,22 +184,19 @@ class LanceIndex:
             }
             for b in batches
         }
-        # A redelivered batch can share a write with its original: merge_insert matches
-        # against the table, not within its own input, so one write must hold each id once.
-        rows = list({str(row["chunk_id"]): row for row in rows}.values())
         with self._write_lock, self._full_disk_is_transient(collection):
-            if rows:
+            if any(b.chunks for b in batches):
                 existing = self._table(collection)
                 held = None if existing is None else existing.schema.field("vector").type.list_size
                 check_dimensions(collection, held, batches)
-                dimensions = len(rows[0]["vector"])  # type: ignore[arg-type]
+                dimensions = next(b.vectors.dimensions for b in batches if b.chunks)
                 table = self._table(collection, dimensions=dimensions)
                 assert table is not None
-                _merge(table, "chunk_id", rows)
+                _merge(table, "chunk_id", _chunk_rows(table.schema, batches, live))
             # Chunks first, then the ledger: a batch counts as arrived only once its chunks
             # are in, so a crash between the two writes redoes the batch, never skips it.
             ledger = self._ledger()
-            _merge(ledger, "key", list(arrived.values()))
+            _merge(ledger, "key", pa.Table.from_pylist(list(arrived.values()), ledger.schema))
             self._writes[collection] = self._writes.get(collection, 0) + 1
             if self._writes[collection] % _COMPACT_EVERY == 0:
                 # Tombstones too: gateways add one a delete, and never compact.
@@ -373,7 +354,8 @@ class LanceIndex:
             # missed it committed its chunks before this, and the delete below finds them.
             # (Deleting again adds no version: a tombstone is never removed.)
             if not self._deleted(collection, {document_id}):
-                _merge(self._tombstones(), "key", [tombstone])
+                tombstones = self._tombstones()
+                _merge(tombstones, "key", pa.Table.from_pylist([tombstone], tombstones.schema))
             table = self._table(collection)
             if table is not None:
                 table.delete(where)
@@ -461,9 +443,42 @@ def _quoted(values: set[str]) -> str:
     return ", ".join(_quote(v) for v in sorted(values))
 
 
-def _merge(table: Any, key: str, rows: list[dict[str, Any]]) -> None:
-    """Insert or replace `rows` by `key`, in one table version."""
-    data = pa.Table.from_pylist(rows, schema=table.schema)
+def _chunk_rows(
+    schema: pa.Schema, batches: Sequence[EmbeddedBatch], live: set[Version]
+) -> pa.Table:
+    """The chunks of `batches` as the rows of a chunks table: column by column, the vectors
+    straight from the batches' float32 matrices into one fixed-size list column."""
+    # A redelivered batch can share a write with its original: merge_insert matches against
+    # the table, not within its own input, so one write must hold each id once (the last).
+    picked: dict[str, tuple[EmbeddedBatch, int, int]] = {}
+    row = 0
+    for b in batches:
+        for i, c in enumerate(b.chunks):
+            picked[c.chunk_id] = (b, i, row)
+            row += 1
+    chosen = list(picked.values())
+    chunks = [b.chunks[i] for b, i, _ in chosen]
+    matrix = np.concatenate([b.matrix for b in batches if b.chunks])
+    if len(chosen) < len(matrix):
+        matrix = matrix[[r for _, _, r in chosen]]
+    columns: dict[str, Any] = {
+        "chunk_id": [c.chunk_id for c in chunks],
+        "document_id": [b.document_id for b, _, _ in chosen],
+        "job_id": [b.job_id for b, _, _ in chosen],
+        "filename": [b.filename for b, _, _ in chosen],
+        "chunk_index": [c.chunk_index for c in chunks],
+        "page": [c.page for c in chunks],
+        "heading": [c.heading for c in chunks],
+        "text": [c.text for c in chunks],
+        "keywords": [c.keywords for c in chunks],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]),
+        "live": [(b.document_id, b.job_id) in live for b, _, _ in chosen],
+    }
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _merge(table: Any, key: str, data: pa.Table) -> None:
+    """Insert or replace the rows of `data` by `key`, in one table version."""
     table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
 
 

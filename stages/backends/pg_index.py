@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Dumper
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Format
 from psycopg_pool import ConnectionPool
 
 from contracts.errors import Transient
@@ -171,7 +176,39 @@ def _vector_text(vector: Sequence[float]) -> str:
     return "[" + ",".join(map(repr, map(float, vector))) + "]"
 
 
+class _BinaryVector:
+    """One vector in pgvector's binary form: its dimension and a reserved zero (two big-endian
+    uint16s), then its big-endian float32s."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _BinaryVectorDumper(Dumper):
+    """Sends a `_BinaryVector` as it is, a binary parameter: the server reads it with
+    pgvector's own receive function (the statement's `::vector` names the type)."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        """The bytes, already in pgvector's form."""
+        data: bytes = obj.data
+        return data
+
+
+def _binary_vectors(matrix: npt.NDArray[np.float32]) -> list[_BinaryVector]:
+    """Each row of a float32 matrix as a binary parameter: one byte swap for all of them,
+    where the text form formats and parses every float."""
+    head = struct.pack(">HH", matrix.shape[1], 0)
+    big = matrix.astype(">f4")
+    return [_BinaryVector(head + row.tobytes()) for row in big]
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
+    # Chunk vectors are written binary (`_binary_vectors`).
+    conn.adapters.register_dumper(_BinaryVector, _BinaryVectorDumper)
     # A search filters by collection after the HNSW scan, which alone yields about
     # `ef_search` candidates, so a small collection among big ones could get fewer than k
     # hits. Iterative scans (pgvector 0.8) keep scanning until k rows pass, in exact order.
@@ -292,8 +329,13 @@ class PgVectorIndex:
         """Insert or replace chunks by chunk id and record each batch (an empty one too); the
         batches of a deleted document are dropped (see the module's docstring)."""
         # A redelivered batch can share a write with its original: keep each id once.
-        chunks = {c.chunk_id: (b, c) for b in batches for c in b.chunks}
-        for dimensions in {len(c.vector) for _, c in chunks.values()}:
+        chunks = {
+            c.chunk_id: (b, c, vector)
+            for b in batches
+            if b.chunks
+            for c, vector in zip(b.chunks, _binary_vectors(b.matrix), strict=True)
+        }
+        for dimensions in {b.vectors.dimensions for b in batches if b.chunks}:
             self.ensure_vector_index(dimensions)
         arrived = sorted(
             {
@@ -322,10 +364,10 @@ class PgVectorIndex:
                     c.heading,
                     c.text,
                     c.keywords,
-                    _vector_text(c.vector),
+                    vector,
                     (b.document_id, b.job_id) in live,
                 )
-                for chunk_id, (b, c) in sorted(chunks.items())
+                for chunk_id, (b, c, vector) in sorted(chunks.items())
             ]
             self._write(
                 cur,

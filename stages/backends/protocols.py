@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from contracts.messages import EmbeddedBatch
 
 # A note's name: a short token, never a path.
@@ -169,8 +172,9 @@ class Embedder(Protocol):
 
     dimensions: int
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One unit-length vector per text, in order."""
+    def embed(self, texts: Sequence[str]) -> list[list[float]] | npt.NDArray[np.float32]:
+        """One unit-length vector per text, in order: lists, or a (texts, dimensions) float32
+        matrix (cheaper: the embed stage packs it as it is)."""
         ...
 
 

@@ -11,8 +11,11 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from contracts import pipeline
-from contracts.messages import ChunkBatch, EmbeddedBatch, EmbeddedChunk
+from contracts.messages import ChunkBatch, EmbeddedBatch, PackedVectors
 from contracts.routing import INTERACTIVE
 from contracts.settings import Settings
 from stages.backends.factory import embedder_for, is_default_model, make_embedder
@@ -23,6 +26,8 @@ from stages.stage import Stage
 
 # What one model call takes: a text and the embedder that must embed it.
 Item = tuple[Embedder, str]
+# What it gives back for one text: its vector, a row of the call's float32 matrix.
+Vector = npt.NDArray[np.float32]
 
 
 class Models:
@@ -61,22 +66,23 @@ class EmbedContext:
     they share."""
 
     embedder: Embedder
-    calls: Coalescer[Item, list[float]]
+    calls: Coalescer[Item, Vector]
     models: Models
     # Interactive chunks go into the next model call first (off with SLUICE_LANES=false).
     lanes: bool = True
 
 
-def embed_by_model(items: list[Item]) -> list[list[float]]:
+def embed_by_model(items: list[Item]) -> list[Vector]:
     """The vectors of a call's texts, in order, each model embedding only its own texts."""
     positions: dict[int, list[int]] = {}
     for i, (embedder, _) in enumerate(items):
         positions.setdefault(id(embedder), []).append(i)
-    vectors: list[list[float]] = [[] for _ in items]
+    vectors: list[Vector] = [np.empty(0, np.float32) for _ in items]
     for chosen in positions.values():
         embedder = items[chosen[0]][0]
         metrics.EMBED_BATCH_SIZE.observe(len(chosen))
-        answered = embedder.embed([items[i][1] for i in chosen])
+        # An embedder may answer lists or a matrix: float32 from here on, as it is packed.
+        answered = np.asarray(embedder.embed([items[i][1] for i in chosen]), dtype=np.float32)
         for i, vector in zip(chosen, answered, strict=True):
             vectors[i] = vector
     return vectors
@@ -95,7 +101,7 @@ def context_for(
     run in slices of `slice_items` texts of similar lengths when lanes are on, so
     interactive chunks wait for one slice of a bulk call at most; models other than
     `embedder` are found with `settings`."""
-    calls: Coalescer[Item, list[float]] = Coalescer(
+    calls: Coalescer[Item, Vector] = Coalescer(
         embed_by_model,
         max_items=max_items,
         max_wait_s=max_wait_s,
@@ -134,9 +140,8 @@ async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
     urgent = ctx.lanes and msg.priority == INTERACTIVE
     items = [(embedder, text) for text in texts]
     vectors = await ctx.calls.submit(items, urgent=urgent) if items else []
-    chunks = [
-        EmbeddedChunk(**c.model_dump(), vector=v) for c, v in zip(msg.chunks, vectors, strict=True)
-    ]
+    # Packed once: the index reads the matrix back with no float parsed one by one.
+    packed = PackedVectors.pack(np.stack(vectors) if vectors else [], embedder.dimensions)
     return [
         EmbeddedBatch(
             **msg.envelope(),
@@ -144,7 +149,8 @@ async def handle(msg: ChunkBatch, ctx: EmbedContext) -> list[EmbeddedBatch]:
             batch_count=msg.batch_count,
             chunks_total=msg.chunks_total,
             language=msg.language,
-            chunks=chunks,
+            chunks=msg.chunks,
+            vectors=packed,
         )
     ]
 

@@ -14,6 +14,10 @@ like any other batch, acked once, and neither they nor a version swap bring it b
 Each generation of a collection is an index of its own (contracts/generations.py): a batch is
 written, completed and published under its generation's index name, so a reindex building
 generation n leaves what search finds in the serving one untouched.
+
+A batch's vectors arrive packed, and the backends take them as one float32 matrix per batch
+(`EmbeddedBatch.matrix`, a view of the message's bytes): no float is parsed or copied one by
+one between the broker and the index's own column or binary format.
 """
 
 from __future__ import annotations

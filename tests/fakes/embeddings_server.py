@@ -122,7 +122,7 @@ class FakeEmbeddingsServer:
         with self._model_lock:
             vectors = self._embedder.embed(inputs)
         data: Data = [
-            {"object": "embedding", "index": i, "embedding": [x * self.scale for x in v]}
+            {"object": "embedding", "index": i, "embedding": [float(x) * self.scale for x in v]}
             for i, v in enumerate(vectors)
         ]
         if self.out_of_order:

@@ -26,7 +26,7 @@ from pipeline import Pipeline, start_pipeline, stop_pipeline, wait_for_job
 
 from contracts import routing
 from contracts.message_signature import UNAUTHENTICATED, MessageSigner
-from contracts.messages import DocumentUploaded, EmbeddedBatch, EmbeddedChunk
+from contracts.messages import Chunk, DocumentUploaded, EmbeddedBatch, PackedVectors
 from faults.test_malformed_messages import amqp_publish
 from stages.backends.factory import open_index
 
@@ -149,9 +149,7 @@ async def test_a_forged_last_batch_leaves_a_documents_chunks_alone(
     before = await letters(forged_pipeline)
 
     # Had the index believed it, this one-batch "new version" would replace every chunk.
-    chunk = EmbeddedChunk(
-        chunk_id=uuid.uuid4().hex, chunk_index=0, text="nothing", vector=[0.0] * DIMENSIONS
-    )
+    chunk = Chunk(chunk_id=uuid.uuid4().hex, chunk_index=0, text="nothing")
     forged = EmbeddedBatch(
         job_id=uuid.uuid4().hex,
         document_id=job["document_id"],
@@ -161,6 +159,7 @@ async def test_a_forged_last_batch_leaves_a_documents_chunks_alone(
         batch_count=1,
         chunks_total=1,
         chunks=[chunk],
+        vectors=PackedVectors.pack([[0.0] * DIMENSIONS]),
     ).model_dump_json()
     publish(forged_pipeline, routing.DOC_EMBEDDED, forged.encode(), None)
 

@@ -24,7 +24,7 @@ from contracts import routing
 from contracts.errors import StorageFull, Transient
 from contracts.events import JobEvent
 from contracts.message_signature import SIGNATURE_HEADER, MessageSigner
-from contracts.messages import EmbeddedBatch, EmbeddedChunk
+from contracts.messages import Chunk, EmbeddedBatch, PackedVectors
 from contracts.settings import Settings
 from gateway.http.app import create_app
 from gateway.http.services import JobChanges
@@ -128,14 +128,14 @@ def embedded_batch(document_id: str, chunks: int, collection: str = "default") -
         batch_count=1,
         chunks_total=chunks,
         chunks=[
-            EmbeddedChunk(
+            Chunk(
                 chunk_id=f"{document_id}-{n}",
                 chunk_index=n,
                 text=f"Arctic terns migrate from pole to pole, chunk {n}. " * 40,
-                vector=[1.0, 0.0, 0.0, 0.0],
             )
             for n in range(chunks)
         ],
+        vectors=PackedVectors.pack([[1.0, 0.0, 0.0, 0.0]] * chunks, 4),
     )
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from contracts.events import JobEvent
-from contracts.messages import EmbeddedBatch, EmbeddedChunk
+from contracts.messages import Chunk, EmbeddedBatch, PackedVectors
 from gateway.http import errors
 from gateway.http.routes import documents, jobs
 from gateway.http.services import JobChanges, parse_api_keys
@@ -62,8 +62,7 @@ def in_flight_document(services: SimpleNamespace) -> str:
 
 def late_batch(index: int) -> EmbeddedBatch:
     """Batch `index` of the document's two."""
-    vector = [1.0, 0.0, 0.0, 0.0]
-    chunk = EmbeddedChunk(chunk_id=f"c{index}", chunk_index=index, text="red", vector=vector)
+    chunk = Chunk(chunk_id=f"c{index}", chunk_index=index, text="red")
     return EmbeddedBatch(
         job_id=JOB,
         document_id=DOC,
@@ -73,6 +72,7 @@ def late_batch(index: int) -> EmbeddedBatch:
         batch_count=2,
         chunks_total=2,
         chunks=[chunk],
+        vectors=PackedVectors.pack([[1.0, 0.0, 0.0, 0.0]]),
     )
 
 

@@ -74,7 +74,7 @@ def test_alike_texts_are_nearer_than_unlike_ones(embedder: Embedder) -> None:
 
 
 def test_nothing_in_nothing_out(embedder: Embedder) -> None:
-    assert embedder.embed([]) == []
+    assert len(embedder.embed([])) == 0
 
 
 def test_every_implementation_agrees_with_the_model(

@@ -18,7 +18,7 @@ from postgres import PostgresHandle
 
 from contracts.errors import Permanent, Transient
 from contracts.generations import index_name
-from contracts.messages import EmbeddedBatch, EmbeddedChunk
+from contracts.messages import Chunk, EmbeddedBatch, PackedVectors
 from stages.backends.lance_index import LanceIndex
 from stages.backends.pg_index import MIGRATIONS, PgVectorIndex
 from stages.backends.protocols import VectorIndex
@@ -48,27 +48,32 @@ def at_angle(degrees: float, dimensions: int = DIMENSIONS) -> list[float]:
     return [math.cos(radians), math.sin(radians)] + [0.0] * (dimensions - 2)
 
 
+# A chunk and its vector, as a test names them; `batch` packs the vectors.
+Embedded = tuple[Chunk, list[float]]
+
+
 def chunk(
     chunk_id: str,
     vector: Sequence[float] | None = None,
     *,
     text: str | None = None,
     keywords: list[str] | None = None,
-) -> EmbeddedChunk:
-    """A chunk; its index is the number in its id, its text names it unless given."""
-    return EmbeddedChunk(
+) -> Embedded:
+    """A chunk and its vector; its index is the number in its id, its text names it unless
+    given."""
+    made = Chunk(
         chunk_id=chunk_id,
         chunk_index=int("".join(ch for ch in chunk_id if ch.isdigit()) or 0),
         text=text or f"text of {chunk_id}",
         page=1,
         heading="Heading",
         keywords=keywords,
-        vector=list(vector if vector is not None else at_angle(0)),
     )
+    return made, list(vector if vector is not None else at_angle(0))
 
 
 def batch(
-    chunks: list[EmbeddedChunk],
+    chunks: list[Embedded],
     *,
     index: int = 0,
     count: int = 1,
@@ -87,7 +92,8 @@ def batch(
         batch_index=index,
         batch_count=count,
         chunks_total=max(1, len(chunks)),
-        chunks=chunks,
+        chunks=[c for c, _ in chunks],
+        vectors=PackedVectors.pack([v for _, v in chunks]),
     )
 
 
@@ -296,7 +302,7 @@ def test_chunk_ids_lists_every_chunk_of_a_document(index: VectorIndex) -> None:
 # old one; each index name is an index of its own.
 
 
-def papers(generation: int, chunks: list[EmbeddedChunk], **fields: Any) -> EmbeddedBatch:
+def papers(generation: int, chunks: list[Embedded], **fields: Any) -> EmbeddedBatch:
     """A batch of collection "papers" in a generation."""
     return batch(chunks, collection="papers", generation=generation, **fields)
 
@@ -358,7 +364,9 @@ def test_vectors_of_another_dimension_than_an_index_names_are_refused_for_good(
     assert raised.value.code == "model_dimensions"
     assert "'papers'" in raised.value.message and "16" in raised.value.message
     with pytest.raises(Permanent):
-        index.upsert("fresh", [batch([chunk("a0"), chunk("a1", at_angle(0, 16))])])
+        # Two batches in one write: one batch's vectors all have one dimension (packed).
+        mixed = [batch([chunk("a0")]), batch([chunk("a1", at_angle(0, 16))], document="d3")]
+        index.upsert("fresh", mixed)
     assert index.chunk_ids("papers", "d2") == []
     assert index.batches_done("papers", "d2", "j1") == 0
     # Another generation is another index: a new model's dimension is its own.

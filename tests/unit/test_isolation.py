@@ -10,7 +10,7 @@ from typing import Any
 
 from contracts import pipeline, routing
 from contracts.errors import Transient
-from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, EmbeddedChunk, Message
+from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, Message, PackedVectors
 from contracts.settings import Settings
 from contracts.topology import ERROR_CODE_HEADER
 from stages.runtime.isolation import DEATHS_HEADER, deaths, moved_headers
@@ -61,8 +61,8 @@ class Embed:
             await asyncio.sleep(0)
         if msg.job_id in self.failing:
             raise Transient("the embedder is away")
-        chunks = [EmbeddedChunk(**c.model_dump(), vector=[1.0, 0.0]) for c in msg.chunks]
-        fields: dict[str, Any] = {**msg.envelope(), "chunks": chunks}
+        vectors = PackedVectors.pack([[1.0, 0.0] for _ in msg.chunks], 2)
+        fields: dict[str, Any] = {**msg.envelope(), "chunks": msg.chunks, "vectors": vectors}
         fields |= {"batch_index": 0, "batch_count": 1, "chunks_total": 1}
         return [EmbeddedBatch(**fields)]
 

@@ -257,14 +257,14 @@ async def test_embed_uses_the_model_a_profile_names_by_path(
         embed.handle(_batch(texts), embed_ctx),
         embed.handle(_batch(texts, profile, job="j2"), embed_ctx),
     )
-    assert {len(c.vector) for c in default.chunks} == {384}
-    assert {len(c.vector) for c in small.chunks} == {SMALL_DIMENSIONS}
+    assert default.matrix.shape == (2, 384)
+    assert small.matrix.shape == (2, SMALL_DIMENSIONS)
     loaded = embed_ctx.models.get(str(small_model))
     assert isinstance(loaded, SentenceTransformerEmbedder)
     assert loaded.model_dir == small_model
     alone = loaded.embed(texts)
-    for chunk_, vector in zip(small.chunks, alone, strict=True):
-        assert chunk_.vector == pytest.approx(vector, abs=1e-5)
+    for packed, vector in zip(small.matrix.tolist(), alone, strict=True):
+        assert packed == pytest.approx(vector, abs=1e-5)
     assert (small.generation, small.profile) == (1, profile)
     # Loaded once: the next message finds it.
     assert embed_ctx.models.get(str(small_model)) is loaded
@@ -303,7 +303,8 @@ class RecordingEmbedder:
 def test_one_model_call_never_mixes_models() -> None:
     one, two = RecordingEmbedder(1.0), RecordingEmbedder(2.0)
     items: list[embed.Item] = [(one, "a"), (two, "b"), (one, "c"), (two, "d")]
-    assert embed.embed_by_model(items) == [[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [2.0, 0.0]]
+    vectors = [v.tolist() for v in embed.embed_by_model(items)]
+    assert vectors == [[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [2.0, 0.0]]
     assert (one.calls, two.calls) == ([["a", "c"]], [["b", "d"]])
 
 
@@ -327,9 +328,9 @@ async def test_index_writes_a_generation_under_its_own_name(
     assert sorted(lance.chunk_ids("default.g1", "d1", searchable_only=True)) == ["c0", "c1"]
     assert lance.batches_done("default.g1", "d1", "j2") == 1
     # Each generation searched with its own model's vectors.
-    hits = lance.search("default.g1", building.chunks[1].vector, k=1)
+    hits = lance.search("default.g1", building.matrix[1].tolist(), k=1)
     assert [h.chunk_id for h in hits] == ["c1"]
-    hits = lance.search("default", serving.chunks[0].vector, k=1)
+    hits = lance.search("default", serving.matrix[0].tolist(), k=1)
     assert [h.chunk_id for h in hits] == ["c0"]
     # The serving generation's version stays, though generation 1's was published after it.
     assert lance.chunk_count("default") == 2

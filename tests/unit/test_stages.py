@@ -132,7 +132,7 @@ async def test_embed_gives_unit_vectors_that_rank_by_meaning(
     (out,) = await embed.handle(_batch(texts), embed_ctx)
     assert isinstance(out, EmbeddedBatch)
     assert [c.text for c in out.chunks] == texts
-    vectors = [c.vector for c in out.chunks]
+    vectors = out.matrix.tolist()
     assert all(len(v) == 384 for v in vectors)
     assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in vectors)
 
@@ -167,7 +167,7 @@ async def test_index_upserts_and_replaces_old_versions(
     assert ctx.index.chunk_ids("default", "d1") == ["new-0"]
     assert ctx.index.batches_done("default", "d1", "j1") == 0
     assert ctx.index.batches_done("default", "d1", "j2") == 1
-    hits = ctx.index.search("default", embedded.chunks[0].vector, k=5)
+    hits = ctx.index.search("default", embedded.matrix[0].tolist(), k=5)
     assert [h.text for h in hits] == ["three"]
 
 
