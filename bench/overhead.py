@@ -26,6 +26,7 @@ from bench.pika_chain import PlainRun, plain_chain
 from bench.prepare import Plan, Prepared
 from bench.sluice_run import DEFAULTS, keep_logs, pids
 from contracts import routing
+from contracts.events import events_of
 from contracts.messages import DocumentUploaded
 from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from stages.infra.broker import Broker
@@ -37,6 +38,8 @@ class Overhead:
 
     messages: int
     sluice_s: float
+    # Job-event messages the broker carried for Sluice's run (a message may hold several).
+    event_messages: int
     # CPU seconds per process (and the rest of the machine), first publish to last batch.
     sluice_cpu_s: dict[str, float]
     plain: PlainRun
@@ -45,6 +48,12 @@ class Overhead:
     def sluice_messages_per_s(self) -> float:
         """Data-plane messages (upload, parsed, chunk and embedded batches) per second."""
         return self.messages / self.sluice_s
+
+    @property
+    def broker_messages_per_data_message(self) -> float:
+        """Everything Sluice's run published (data and event messages) per data message;
+        the plain chain's is 1."""
+        return (self.messages + self.event_messages) / self.messages
 
     @property
     def ratio(self) -> float:
@@ -75,7 +84,9 @@ def overhead(
     batches = repeat * sum(len(p.embedded_batches) for p in prepared.plans)
     try:
         meter = CpuMeter(pids(pipeline)).start()
-        sluice_s = asyncio.run(_through_sluice(pipeline, uploads, batches, deadline_s))
+        sluice_s, event_messages = asyncio.run(
+            _through_sluice(pipeline, uploads, batches, deadline_s)
+        )
         sluice_cpu_s = meter.stop()
     except BaseException:
         keep_logs(pipeline)
@@ -83,10 +94,13 @@ def overhead(
     finally:
         stop_pipeline(pipeline)
     plans: list[Plan] = prepared.plans * repeat
+    messages = sum(p.messages for p in plans)
+    print(f"  Sluice: {event_messages} job-event messages beside {messages} data messages")
     plain = plain_chain(broker.amqp_url, plans, deadline_s)
     return Overhead(
-        messages=sum(p.messages for p in plans),
+        messages=messages,
         sluice_s=sluice_s,
+        event_messages=event_messages,
         sluice_cpu_s=sluice_cpu_s,
         plain=plain,
     )
@@ -106,29 +120,36 @@ def _uploaded(filename: str, size: int) -> DocumentUploaded:
 
 async def _through_sluice(
     pipeline: Pipeline, uploads: list[DocumentUploaded], batches: int, deadline_s: float
-) -> float:
-    """Publish every upload as the gateway does; wait for index's event for every batch."""
+) -> tuple[float, int]:
+    """Publish every upload as the gateway does; wait for index's event for every batch.
+    Returns the seconds that took and the job-event messages published meanwhile."""
     broker = Broker(pipeline.settings())
     await broker.connect()
     try:
         channel = await broker.consumer_channel(prefetch=1000)
         exchange = await channel.get_exchange(routing.exchange(pipeline.namespace))
-        # A copy of index's progress events, beside the tracker's: one per batch indexed.
+        # A copy of every job event message, beside the tracker's: index's progress events
+        # count the batches indexed.
         watch = await channel.declare_queue(exclusive=True)
-        await watch.bind(exchange, routing.job_event_key("index", "progress"))
+        await watch.bind(exchange, routing.JOB_EVENTS)
         indexed = 0
+        event_messages = 0
         done = asyncio.Event()
+        index_progress = routing.job_event_key("index", "progress")
 
         async def count(delivery: AbstractIncomingMessage) -> None:
-            nonlocal indexed
-            indexed += 1
-            if indexed == batches:
+            nonlocal indexed, event_messages
+            event_messages += 1
+            if delivery.routing_key == index_progress:
+                # Index's messages also report embed's progress (contracts/events.py).
+                indexed += sum(e.stage == "index" for e in events_of(delivery.body))
+            if indexed >= batches:
                 done.set()
 
         await watch.consume(count, no_ack=True)
         started = time.monotonic()
         await asyncio.gather(*(broker.publish(m, routing.DOC_UPLOADED) for m in uploads))
         await asyncio.wait_for(done.wait(), deadline_s)
-        return time.monotonic() - started
+        return time.monotonic() - started, event_messages
     finally:
         await broker.close()

@@ -34,8 +34,9 @@ from bench.throughput import Throughput
 from contracts import routing
 from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 
-# The runtime logs one line per message finished: "<stage>: <file> batch i/n done in 0.12s".
-_DONE = re.compile(r"done in ([0-9.]+)s")
+# Each stage logs a summary with every heartbeat and on its stop (stages/runtime/heartbeat.py):
+# "<stage>: 12 done, 0 failed since the last summary; busy 4.31 s".
+_BUSY = re.compile(r"since the last summary; busy ([0-9.]+) s")
 STATS_INTERVAL_S = 6.0
 KEPT_LOGS = Path(__file__).resolve().parent / "out" / "logs"
 # tests/pipeline.py sets small test limits; the benchmark runs Sluice's defaults.
@@ -134,32 +135,17 @@ def pids(pipeline: Pipeline) -> dict[str, int]:
 
 
 def busy_seconds(log_dir: Path) -> dict[str, float]:
-    """Per stage, the seconds in which it had at least one message in hand.
-
-    Each "done in" log line gives one message's interval (logged time minus its duration);
-    their union counts overlapping messages (concurrency, shared embed calls) once.
-    """
+    """Per stage, the seconds in which it had at least one message in hand (overlapping
+    messages counted once), added up from its summary lines."""
     busy: dict[str, float] = {}
     for stage in STAGES:
         path = log_dir / f"{stage}.log"
-        intervals: list[tuple[float, float]] = []
+        busy[stage] = 0.0
         for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
-                if done := _DONE.search(record["message"]):
-                    end = datetime.fromisoformat(record["time"]).timestamp()
-                    intervals.append((end - float(done.group(1)), end))
-        busy[stage] = _union(intervals)
+                if found := _BUSY.search(json.loads(line)["message"]):
+                    busy[stage] += float(found.group(1))
     return busy
-
-
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 async def _drive(

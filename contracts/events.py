@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 
 from contracts import routing
 from contracts.messages import (
@@ -77,6 +84,56 @@ class JobEvent(BaseModel):
     def routing_key(self) -> str:
         """`job.<stage>.<kind>`."""
         return routing.job_event_key(self.stage, self.kind)
+
+
+# The most events one `JobEvents` message carries: a busy stage's events of a few milliseconds.
+MAX_EVENTS_PER_MESSAGE = 256
+
+
+class JobEvents(BaseModel):
+    """Several progress events of one stage, published as one message.
+
+    A busy stage process finishes many messages at once; their events go out together
+    (stages/runtime/event_batcher.py), so the broker carries one event message per many
+    data messages. Published to the same key as one of them (`job.<stage>.progress`); a lone
+    event goes out as a plain `JobEvent`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = SCHEMA_VERSION
+    stage: StageField
+    events: list[JobEvent] = Field(min_length=1, max_length=MAX_EVENTS_PER_MESSAGE)
+
+    @model_validator(mode="after")
+    def _one_stage_progress(self) -> Self:
+        # Signed for `job.<stage>.progress`: it may speak only of that stage's progress.
+        if any(e.stage != self.stage or e.kind != "progress" for e in self.events):
+            raise ValueError(f"a JobEvents message holds only {self.stage}'s progress events")
+        return self
+
+    @property
+    def routing_key(self) -> str:
+        """`job.<stage>.progress`."""
+        return routing.job_event_key(self.stage, "progress")
+
+
+_EVENT_BODY: TypeAdapter[JobEvents | JobEvent] = TypeAdapter(
+    Annotated[JobEvents | JobEvent, Field(union_mode="left_to_right")]
+)
+
+
+def events_of(body: bytes | str, routing_key: str | None = None) -> list[JobEvent]:
+    """The events one `job.*` message carries: one `JobEvent`, or a `JobEvents` batch.
+
+    With `routing_key`, the message must be its sender's (a body signed for
+    `job.parse.progress` is parse's). `ValueError` (pydantic's `ValidationError` among them)
+    for a body that is neither, or not the key's.
+    """
+    parsed = _EVENT_BODY.validate_json(body)
+    if routing_key is not None and parsed.routing_key != routing_key:
+        raise ValueError(f"a message sent as {routing_key!r} says it is {parsed.routing_key!r}")
+    return parsed.events if isinstance(parsed, JobEvents) else [parsed]
 
 
 class WorkerHeartbeat(BaseModel):

@@ -144,7 +144,7 @@ def serve(settings: Settings) -> None:
     from gateway.http.connections import fit_open_files, server_options
 
     refuse_open_exposure(settings)
-    configure_logging("sluice-gateway", settings.log_format)
+    configure_logging("sluice-gateway", settings.log_format, settings.log_level)
     tracing.setup_tracing("sluice-gateway")
     fit_open_files(settings.max_connections)
     # Head and drain deadlines and the connection limit live in the connection protocol

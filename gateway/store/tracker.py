@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
-from pydantic import ValidationError
 
 from contracts import routing
 from contracts.errors import Transient
-from contracts.events import JobEvent
+from contracts.events import JobEvent, events_of
 from contracts.message_signature import MessageSigner
 from gateway.http.services import JobChanges
 from gateway.store.base import JobStore
@@ -104,7 +103,7 @@ class Tracker:
 
     async def _fold(self, deliveries: list[AbstractIncomingMessage]) -> None:
         signer = self.broker.signer
-        events = [e for delivery in deliveries if (e := _parse(delivery, signer)) is not None]
+        events = [e for delivery in deliveries for e in _parse(delivery, signer)]
         changed = await asyncio.to_thread(self.store.apply_all, events)
         if self.on_job_end is not None and _may_end(
             events, self.broker.settings.pipeline.last.name
@@ -125,21 +124,24 @@ class Tracker:
                 await delivery.ack()
 
 
-def _parse(delivery: AbstractIncomingMessage, signer: MessageSigner) -> JobEvent | None:
+def _parse(delivery: AbstractIncomingMessage, signer: MessageSigner) -> list[JobEvent]:
+    """The events of one message (one, or a stage's batch), or none if it is not to be
+    trusted or read."""
     # Events are signed for their own routing key (`job.<stage>.<kind>`), which they keep here.
-    if not signer.verify_headers(delivery.routing_key or "", delivery.body, delivery.headers):
+    key = delivery.routing_key or ""
+    if not signer.verify_headers(key, delivery.body, delivery.headers):
         log.error(
             "dropping a job event (%r) not signed with this deployment's message secret; if a "
             "Sluice process sent it, give every process the same SLUICE_MESSAGE_SECRET",
             delivery.routing_key,
         )
-        return None
+        return []
     try:
-        return JobEvent.model_validate_json(delivery.body)
-    except ValidationError as exc:
+        return events_of(delivery.body, key)
+    except ValueError as exc:
         # A malformed status event cannot be applied and must not block the ones behind it.
         log.error("dropping an invalid job event %r: %s", delivery.body[:200], exc)
-        return None
+        return []
 
 
 def _may_end(events: list[JobEvent], last_stage: str) -> bool:

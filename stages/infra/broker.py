@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from functools import cached_property
@@ -26,7 +27,7 @@ from aiormq.exceptions import AMQPError
 
 from contracts import routing
 from contracts.errors import Transient
-from contracts.events import JobEvent, WorkerHeartbeat
+from contracts.events import JobEvent, JobEvents, WorkerHeartbeat
 from contracts.message_signature import SIGNATURE_HEADER, MessageSigner
 from contracts.messages import Message
 from contracts.settings import Settings
@@ -37,7 +38,7 @@ from stages.infra.signing import signer_of
 
 log = logging.getLogger(__name__)
 
-Publishable = Message | JobEvent | WorkerHeartbeat
+Publishable = Message | JobEvent | JobEvents | WorkerHeartbeat
 
 
 class PublishRejected(Transient):
@@ -56,7 +57,7 @@ class QueueUnavailable(PublishRejected):
 def routing_key_for(model: Publishable, routing_key: str | None) -> str:
     """Where `publish` sends a model: a job event or heartbeat to its own key, a message to
     `routing_key` (the plain key; `publish_key` adds the lane)."""
-    if isinstance(model, JobEvent | WorkerHeartbeat):
+    if isinstance(model, JobEvent | JobEvents | WorkerHeartbeat):
         return model.routing_key
     if routing_key is None:
         raise ValueError(f"a {type(model).__name__} needs a routing key to be published")
@@ -77,6 +78,10 @@ def message_id(model: Publishable, routing_key: str) -> str:
     (named by the plain key, so it does not change with the lane)."""
     if isinstance(model, JobEvent):
         return f"{model.job_id}.{model.stage}.{model.kind}.{model.batch_index}"
+    if isinstance(model, JobEvents):
+        units = sorted(f"{e.job_id}.{e.stage}.{e.batch_index}" for e in model.events)
+        digest = hashlib.sha256("\n".join(units).encode()).hexdigest()[:32]
+        return f"{model.stage}.progress.{digest}"
     if isinstance(model, WorkerHeartbeat):
         return f"{model.worker_id}.{model.at.timestamp():.3f}"
     index, _, _ = model.unit()

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,21 +53,39 @@ class WorkerStats:
         self.failed = 0
         self._lanes: Counter[Lane] = Counter()
         self._jobs: Counter[str] = Counter()
+        self._held = 0
+        # Seconds with at least one delivery in hand, up to `_busy_since` (when the process
+        # last went from idle to busy; None while idle).
+        self._busy_s = 0.0
+        self._busy_since: float | None = None
 
     @contextmanager
     def holding(self, lane: Lane, job_id: str | None) -> Iterator[None]:
         """Count a delivery of `lane` as in hand (taken, not yet settled) for the block."""
         self._lanes[lane] += 1
+        self._held += 1
+        if self._busy_since is None:
+            self._busy_since = time.monotonic()
         if job_id:
             self._jobs[job_id] += 1
         try:
             yield
         finally:
             self._lanes[lane] -= 1
+            self._held -= 1
+            if self._held == 0 and self._busy_since is not None:
+                self._busy_s += time.monotonic() - self._busy_since
+                self._busy_since = None
             if job_id:
                 self._jobs[job_id] -= 1
                 if self._jobs[job_id] <= 0:
                     del self._jobs[job_id]
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds since the start with at least one delivery in hand (overlaps count once)."""
+        running = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_s + running
 
     def settled(self, outcome: Outcome) -> None:
         """Count how a delivery ended: done, or dead-lettered (retries and requeues are
@@ -102,6 +121,8 @@ class Heartbeat:
         # The random part tells apart two processes that got the same pid (containers).
         self.worker_id = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
         self.started_at = datetime.now(UTC)
+        # What the last summary line had counted (processed, failed, busy seconds).
+        self._summarised = (0, 0, 0.0)
 
     def beat(self, *, stopping: bool = False) -> WorkerHeartbeat:
         """The heartbeat as of now."""
@@ -130,13 +151,33 @@ class Heartbeat:
             return False
         return True
 
+    def summarise(self) -> None:
+        """One INFO line on what was settled since the last one, if anything was: the stage's
+        log says how busy it is without a line per message (those are at DEBUG).
+        bench/sluice_run.py adds up the "busy <seconds> s" of these lines."""
+        now = (self.stats.processed, self.stats.failed, self.stats.busy_s)
+        done, failed, busy = (a - b for a, b in zip(now, self._summarised, strict=True))
+        if done or failed:
+            log.info(
+                "%s: %d done, %d failed since the last summary; busy %.2f s",
+                self.stage,
+                done,
+                failed,
+                busy,
+            )
+            self._summarised = now
+
     async def run(self) -> None:
-        """Send a heartbeat every `every_s` until cancelled (the first one at once)."""
+        """Send a heartbeat every `every_s` until cancelled (the first one at once), and log
+        a summary with each."""
         while True:
             await self.send()
+            self.summarise()
             await asyncio.sleep(self.every_s)
 
     async def last(self) -> None:
-        """The stopping heartbeat, waited for no longer than one interval."""
+        """The last summary, and the stopping heartbeat, waited for no longer than one
+        interval."""
+        self.summarise()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.send(stopping=True), self.every_s)

@@ -87,8 +87,9 @@ class LogContext:
 def _log_outcome(ctx: DeliveryContext, outcome: Outcome) -> None:
     if isinstance(outcome, Done) and ctx.msg is not None:
         index, count, _ = ctx.msg.unit()
-        # bench/sluice_run.py reads "done in <seconds>s" from this line.
-        log.info(
+        # At debug: a busy stage finishes hundreds a second; the heartbeat's summary line
+        # says how many at INFO (stages/runtime/heartbeat.py).
+        log.debug(
             "%s: %s batch %d/%d done in %.2fs",
             ctx.stage,
             ctx.msg.filename,

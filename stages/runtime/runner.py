@@ -20,7 +20,8 @@ another worker; the quorum queue's own delivery limit is the backstop.
 
 The runner consumes both lanes' queues of its stage (contracts/routing.py), each with the
 stage's prefetch, and its `concurrency` slots go to waiting deliveries through a `LaneGate`
-(stages/runtime/lanes.py): interactive first, bulk its guaranteed share. Every few seconds
+(stages/runtime/lanes.py): interactive first, bulk its guaranteed share. A slot is held by
+the handler only, not while its outputs are confirmed. Every few seconds
 it publishes the process's heartbeat (stages/runtime/heartbeat.py).
 """
 
@@ -170,16 +171,10 @@ class StageRunner:
                 if self._alone is None and ctx.deliveries and refuse(ctx, self.tuned) is None:
                     outcome = await self._alone_in_hand(lane, ctx)
                 else:
-                    outcome = await self._in_slot(lane, ctx)
+                    outcome = await self._handling(ctx)
                 self.stats.settled(outcome)
         finally:
             self._in_flight.discard(task)
-
-    async def _in_slot(self, lane: routing.Lane, ctx: DeliveryContext) -> Outcome:
-        async with self.gate.slot(lane):
-            # The handler's time starts now, not while it waited for a slot.
-            ctx.started_s = time.perf_counter()
-            return await self._handling(ctx)
 
     async def _alone_in_hand(self, lane: routing.Lane, ctx: DeliveryContext) -> Outcome:
         """Handle a redelivered message with nothing else in hand: take no more deliveries,
@@ -204,7 +199,7 @@ class StageRunner:
                 count,
                 ctx.deliveries,
             )
-            return await self._in_slot(lane, ctx)
+            return await self._handling(ctx)
         finally:
             if not self.consumers.stopping:
                 # Stragglers (sent before the consumers were cancelled) are parked by now.
@@ -224,8 +219,8 @@ class StageRunner:
     async def process(
         self, delivery: Delivery, lane: routing.Lane = routing.INTERACTIVE
     ) -> Outcome:
-        """Handle one delivery of `lane` to its end (ack, retry tier, dead letter or requeue)
-        at once, without waiting for a slot; returns how it was settled."""
+        """Handle one delivery of `lane` to its end (ack, retry tier, dead letter or requeue),
+        its handler in one of the stage's slots; returns how it was settled."""
         return await self._handling(self._read(delivery, lane))
 
     def _read(self, delivery: Delivery, lane: routing.Lane) -> DeliveryContext:
@@ -248,10 +243,20 @@ class StageRunner:
             await self._alone_paused.wait()
             outcome = Park()
         if outcome is None:
-            assert ctx.msg is not None
-            ended = await self._run(ctx.msg, ctx.attempt)
+            ended = await self._in_slot(ctx)
             outcome = decide(ctx, ended, self.stage.spec, self.tuned)
         return await self.settler.settle(ctx, outcome)
+
+    async def _in_slot(self, ctx: DeliveryContext) -> Ended:
+        """The handler, run in one of the stage's `concurrency` slots. Only the handler: the
+        slot is free again before the outputs and the event are confirmed, so the next
+        delivery's handler runs while the broker confirms this one's (the prefetch bounds
+        what is in hand), and the progress events of both can share a message."""
+        assert ctx.msg is not None
+        async with self.gate.slot(ctx.lane):
+            # The handler's time starts now, not while it waited for a slot.
+            ctx.started_s = time.perf_counter()
+            return await self._run(ctx.msg, ctx.attempt)
 
     async def _run(self, msg: Message, attempt: int) -> Ended:
         """How the stage's handler ended on `msg`, announcing `started` if it takes a while."""

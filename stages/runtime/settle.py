@@ -1,8 +1,10 @@
 """The one settle point: an `Outcome` becomes broker actions, ending with ack or nack.
 
-Every branch acks only after what it publishes is confirmed (at-least-once). When the broker
-does not take a publish, the outcome is decided again (`when_settling_failed`) and that one
-is carried out instead: refused outputs wait in a retry tier, anything else is requeued.
+Every branch acks only after what it publishes is confirmed (at-least-once); the progress
+events of deliveries finished together share one message (stages/runtime/event_batcher.py).
+When the broker does not take a publish, the outcome is decided again (`when_settling_failed`)
+and that one is carried out instead: refused outputs wait in a retry tier, anything else is
+requeued.
 
 Work keeps its lane here, whatever the stage did: outputs are stamped with their input's
 `priority` (so a stage, built-in or plugged in, cannot move a job to another lane), a retry
@@ -27,6 +29,7 @@ from contracts.topology import (
     STAGE_HEADER,
 )
 from stages.infra.dead_letter_queue import now_header
+from stages.runtime.event_batcher import EventBatcher
 from stages.runtime.isolation import moved_headers
 from stages.runtime.outcome import (
     DeadLetter,
@@ -54,6 +57,8 @@ class Settler:
         self.first_delay_s = settings.stage(stage).retry_delays_s[0]
         self.pipeline = settings.pipeline
         self.input_key = settings.pipeline.spec(stage).input_key
+        # Progress events of deliveries finished together go out as one message.
+        self.progress = EventBatcher(broker, stage)
 
     async def settle(self, ctx: DeliveryContext, outcome: Outcome) -> Outcome:
         """Carry out `outcome` and ack, or nack with requeue; returns the outcome carried out."""
@@ -88,7 +93,7 @@ class Settler:
                     self.broker.publish(out, self.pipeline.key_of_output(self.stage, out))
                     for out in outputs
                 ),
-                self.broker.publish(outcome.event),
+                self.progress.publish([outcome.event]),
             )
         elif isinstance(outcome, Retry):
             await asyncio.gather(

@@ -45,7 +45,7 @@ def run_stage(name: StageName, settings: Settings) -> None:
 def run_with(stage: Stage[Any, Any], settings: Settings) -> None:
     """Run a stage declared anywhere (a benchmark's, a test's) as `run_stage` runs ours."""
     exit_when_asked()
-    configure_logging(f"sluice-{stage.name}", settings.log_format)
+    configure_logging(f"sluice-{stage.name}", settings.log_format, settings.log_level)
     tracing.setup_tracing(f"sluice-{stage.name}")
     os.nice(settings.stage_nice)
     with asyncio.Runner() as runner:

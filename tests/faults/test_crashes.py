@@ -143,7 +143,10 @@ async def test_sigterm_drains_a_busy_stage_finishing_what_it_holds(
 ) -> None:
     gate = tmp_path / "gate"
     gated_embed = [sys.executable, str(FAKES / "gated_stage.py"), "embed"]
-    pipeline = pipelines(commands={"embed": gated_embed}, **{GATE_ENV: str(gate)})
+    # At DEBUG, embed logs each message it finishes, so the drain's can be counted.
+    pipeline = pipelines(
+        commands={"embed": gated_embed}, SLUICE_LOG_LEVEL="DEBUG", **{GATE_ENV: str(gate)}
+    )
     mark = pipeline.log_mark("embed")
     async with httpx.AsyncClient(base_url=pipeline.url, timeout=60) as api:
         answers = await asyncio.gather(

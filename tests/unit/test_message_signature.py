@@ -21,7 +21,7 @@ from contracts import pipeline, routing
 from contracts.errors import Transient
 from contracts.events import JobEvent, WorkerHeartbeat
 from contracts.message_signature import SIGNATURE_HEADER, UNAUTHENTICATED, MessageSigner
-from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, EmbeddedChunk, Message
+from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, Message, PackedVectors
 from contracts.settings import Settings
 from contracts.topology import ERROR_CODE_HEADER, JOB_HEADER
 from gateway.http.pipeline_monitor import PipelineMonitor
@@ -119,10 +119,9 @@ async def _handle(msg: ChunkBatch, ctx: Any) -> Sequence[Message]:
     calls.append(msg)
     if ctx == "fail":
         raise Transient("the model server is busy")
-    vector = [1.0, 0.0]
-    chunks = [EmbeddedChunk(**c.model_dump(), vector=vector) for c in msg.chunks]
+    vectors = PackedVectors.pack([[1.0, 0.0] for _ in msg.chunks], 2)
     fields = msg.model_dump(exclude={"chunks", "version"})
-    return [EmbeddedBatch(**fields, chunks=chunks)]
+    return [EmbeddedBatch(**fields, chunks=msg.chunks, vectors=vectors)]
 
 
 STAGE: Stage[ChunkBatch, Any] = Stage(spec=pipeline.EMBED, startup=_startup, handle=_handle)

@@ -22,8 +22,8 @@ from tenacity import wait_none
 
 from contracts import pipeline, routing
 from contracts.errors import Permanent, StorageFull, Transient
-from contracts.events import JobEvent
-from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, EmbeddedChunk, Message
+from contracts.events import JobEvent, events_of
+from contracts.messages import Chunk, ChunkBatch, EmbeddedBatch, Message, PackedVectors
 from contracts.settings import Settings
 from contracts.topology import (
     ATTEMPT_HEADER,
@@ -81,13 +81,14 @@ def batch(index: int = 0, count: int = 2) -> ChunkBatch:
 
 def embedded(msg: ChunkBatch, **changes: Any) -> EmbeddedBatch:
     """What a well-behaved embed stage makes of `msg` (with `changes` to break it)."""
-    chunks = [EmbeddedChunk(**c.model_dump(), vector=[1.0, 0.0]) for c in msg.chunks]
+    vectors = PackedVectors.pack([[1.0, 0.0] for _ in msg.chunks], 2)
     fields: dict[str, Any] = {
         **msg.envelope(),
         "batch_index": msg.batch_index,
         "batch_count": msg.batch_count,
         "chunks_total": msg.chunks_total,
-        "chunks": chunks,
+        "chunks": msg.chunks,
+        "vectors": vectors,
     }
     return EmbeddedBatch(**{**fields, **changes})
 
@@ -148,7 +149,7 @@ class Harness:
 
     def events(self) -> list[JobEvent]:
         """The job events the tracker would read, in order."""
-        return [m.model(JobEvent) for m in self.broker.messages(TRACKER)]
+        return [e for m in self.broker.messages(TRACKER) for e in events_of(m.body)]
 
     def retry_tiers(self) -> dict[int, list[Published]]:
         """What each retry tier holds."""
@@ -188,7 +189,7 @@ async def test_success_publishes_outputs_and_progress_then_acks() -> None:
     assert isinstance(outcome, Done)
     out = h.only(NEXT_QUEUE)
     assert out.routing_key == routing.DOC_EMBEDDED
-    assert out.model(EmbeddedBatch).chunks[0].vector == [1.0, 0.0]
+    assert out.model(EmbeddedBatch).matrix.tolist() == [[1.0, 0.0]]
     (event,) = h.events()
     assert (event.kind, event.stage, event.batch_index, event.batch_count) == (
         "progress",
