@@ -13,7 +13,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from contracts import pipeline
 from contracts.errors import Permanent, Transient
@@ -31,7 +31,11 @@ from stages.backends.embedder import max_seq_length
 from stages.backends.factory import open_blob_store, resolve_model_dir
 from stages.backends.protocols import BlobStore
 from stages.kit.deletions import Deletions
+from stages.kit.token_splitter import TokenSplitter
 from stages.stage import Stage
+
+if TYPE_CHECKING:
+    pass
 
 
 class Splitters:
@@ -40,10 +44,10 @@ class Splitters:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._built: dict[tuple[Path, int, int], Any] = {}
+        self._built: dict[tuple[Path, int, int], TokenSplitter] = {}
         self._lock = threading.Lock()
 
-    def for_profile(self, profile: IndexProfile | None) -> Any:
+    def for_profile(self, profile: IndexProfile | None) -> TokenSplitter:
         """The splitter for a message's profile (None: the deployment's chunk settings);
         Permanent `invalid_profile` or `unknown_model` for a profile that cannot be used."""
         sizes = chunk_sizes(self.settings, profile)
@@ -85,9 +89,8 @@ class ChunkContext:
     deletions: Deletions
 
 
-def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> Any:
+def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> TokenSplitter:
     """A text splitter that measures with the model's tokenizer."""
-    from semantic_text_splitter import TextSplitter
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -95,10 +98,7 @@ def make_splitter(model_dir: Path, max_tokens: int, overlap_tokens: int) -> Any:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     # Settings refuse an overlap over half a chunk, so nothing is clamped here.
-    capacity = max_tokens - SPECIAL_TOKENS
-    return TextSplitter.from_huggingface_tokenizer(
-        tokenizer, capacity=capacity, overlap=overlap_tokens
-    )
+    return TokenSplitter(tokenizer, max_tokens - SPECIAL_TOKENS, overlap_tokens)
 
 
 async def startup(settings: Settings) -> ChunkContext:
@@ -110,7 +110,9 @@ async def startup(settings: Settings) -> ChunkContext:
     )
 
 
-def split(parsed: ParsedDocument, splitter: Any) -> list[tuple[str, int | None, str | None]]:
+def split(
+    parsed: ParsedDocument, splitter: TokenSplitter
+) -> list[tuple[str, int | None, str | None]]:
     """(text, page, heading) chunks in document order; sections under one heading split together."""
     pieces: list[tuple[str, int | None, str | None]] = []
     groups = itertools.groupby(parsed.sections, key=lambda s: (s.page, s.heading))
