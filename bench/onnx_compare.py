@@ -1,8 +1,8 @@
-"""ONNX Runtime against sentence-transformers on CPU: chunks/s, chunks per CPU-second, agreement.
+"""ONNX Runtime (fp32, INT8) against sentence-transformers on CPU: chunks/s, CPU-seconds, agreement.
 
-`python -m bench.onnx_compare [--texts 1500] [--reps 2]`. Not part of the test suite. Both
-backends embed the same generated chunk texts (150-256 tokens) at each batch size, alternating
-so that load from other work on a shared machine falls on both alike. CPU seconds of this
+`python -m bench.onnx_compare [--texts 1500] [--reps 2]`. Not part of the test suite. Every
+backend embeds the same generated chunk texts (150-256 tokens) at each batch size, alternating
+so that load from other work on a shared machine falls on all alike. CPU seconds of this
 process (all threads) are reported beside wall time: they move much less with that load.
 """
 
@@ -52,7 +52,7 @@ class Runs:
     cpu_s: list[float] = field(default_factory=list)
 
 
-def timed(embed: Callable[[list[str]], list[list[float]]], texts: list[str], runs: Runs) -> None:
+def timed(embed: Callable[[list[str]], object], texts: list[str], runs: Runs) -> None:
     """Embed `texts` once, adding the wall and process CPU seconds it took to `runs`."""
     started, cpu_started = time.perf_counter(), time.process_time()
     embed(texts)
@@ -113,6 +113,7 @@ def main() -> None:
         }
         if not args.no_fused:
             backends["onnx+fused"] = fused_copy(onnx, work_dir)
+        backends["onnx-int8"] = OnnxEmbedder(None, 64, work_dir / "cache", quantized=True)
         report(backends, texts, args.batch_sizes, args.reps)
 
 

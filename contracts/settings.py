@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -149,12 +151,21 @@ class Settings(BaseSettings):
     # The embedding model: a sentence-transformers directory; empty means the packaged MiniLM.
     model_dir: Path | None = None
     embed_device: str = "auto"
-    # `onnx`: ONNX Runtime on CPU (`onnx` extra), model exported once and cached; CPU only.
-    embed_backend: Literal["torch", "onnx"] = "torch"
-    # Texts per forward pass of the model.
+    # How the local model runs. `torch`: sentence-transformers, on `embed_device` (CPU or
+    # CUDA). `onnx`: ONNX Runtime on CPU, the model exported once and cached; the same
+    # vectors as torch. `onnx-int8`: that export dynamically quantised to INT8 once and cached
+    # beside it; CPU only, several times faster than torch, vectors a little off fp32
+    # (bench/int8_quality.py). `auto`: torch on CUDA, `onnx-int8` on CPU
+    # for the packaged model (stages/backends/factory.py `local_backend`).
+    embed_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    # Texts per forward pass of the model on CPU (and per request to an endpoint).
     embed_batch_size: int = Field(16, ge=1)
+    # Texts per forward pass when the torch model runs on CUDA: a GPU is kept busy only by
+    # hundreds of texts at once (bench/gpu.sh measures 32 to 512).
+    embed_cuda_batch_size: int = Field(256, ge=1)
     # Texts one model call takes from every message in hand, sorted by length and cut into
-    # forward passes of `embed_batch_size`: a big call wastes less on padding (bench/README.md).
+    # forward passes of `embed_batch_size` (`embed_cuda_batch_size` on CUDA): a big call
+    # wastes less on padding (bench/README.md).
     embed_call_chunks: int = Field(512, ge=1)
     # With lanes on, a model call runs in slices of this many texts (of similar lengths): an
     # interactive chunk waits for one slice of a bulk call at most, not for the whole call.
@@ -245,6 +256,9 @@ class Settings(BaseSettings):
     # Observability: how logs are written (each stage's /metrics port is a stage setting,
     # `SLUICE_<STAGE>_METRICS_PORT`; the gateway serves its own on its HTTP port).
     log_format: Literal["auto", "json", "text"] = "auto"
+    # INFO: a stage logs what goes wrong and a summary per heartbeat; DEBUG adds a line for
+    # every message it finishes.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Links the web page offers, when these UIs are reachable for its users.
     jaeger_ui_url: str | None = None
     rabbitmq_ui_url: str | None = None
@@ -266,6 +280,12 @@ class Settings(BaseSettings):
             dotenv_settings,
             file_secret_settings,
         )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        # `debug` means what `DEBUG` does, as it does for Python's logging.
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -341,8 +361,9 @@ class Settings(BaseSettings):
             return getattr(self, field)
 
         # One of the pair set alone moves the other's default with it; both set must agree.
-        prefetch = given.prefetch or max(spec.prefetch, given.concurrency or 0)
-        concurrency = given.concurrency or min(spec.concurrency, prefetch)
+        least = self._gpu_feed(name)
+        prefetch = given.prefetch or max(spec.prefetch, least, given.concurrency or 0)
+        concurrency = given.concurrency or min(max(spec.concurrency, least), prefetch)
         return StageSettings(
             name=name,
             prefetch=prefetch,
@@ -353,6 +374,33 @@ class Settings(BaseSettings):
             delivery_limit=policy("delivery_limit", None),
             transient_retries=policy("transient_retries", spec.transient_retries),
         )
+
+    def _gpu_feed(self, name: StageName) -> int:
+        """The messages an embed stage on CUDA holds and works on at least (0: no such rule).
+
+        Two full model calls' worth: one call on the GPU while the next one's messages are
+        already in hand, so the GPU never waits for the broker. A stage's own prefetch may
+        hold more (the embed stage's 32 messages are four calls at the defaults); the rule
+        matters when a call takes more chunks or a message fewer.
+        """
+        if name != "embed" or not self.embeds_on_cuda():
+            return 0
+        return 2 * math.ceil(self.embed_call_chunks / self.chunks_per_message)
+
+    def embeds_on_cuda(self) -> bool:
+        """Whether this process's local torch model runs on CUDA: `SLUICE_EMBED_DEVICE=cuda`
+        (or `cuda:N`), or `auto` where torch sees a GPU.
+
+        `auto` is only asked of a torch already imported, never by importing it: the embed
+        stage loads its model (and torch) before its runner reads its tuning, and a process
+        without the model (the gateway declaring queues) has no GPU to keep busy.
+        """
+        if self.embed_url or self.embed_backend not in ("auto", "torch"):
+            return False
+        if self.embed_device.split(":", 1)[0] == "cuda":
+            return True
+        torch = sys.modules.get("torch")
+        return self.embed_device == "auto" and torch is not None and bool(torch.cuda.is_available())
 
     def check(self) -> Pipeline:
         """Everything that can be wrong before a process starts, raised as one usage error."""

@@ -45,6 +45,9 @@ run_step "ruff check" .venv/bin/ruff check .
 run_step "ruff format --check" .venv/bin/ruff format --check .
 run_step "mypy" .venv/bin/mypy
 run_step "import-linter" .venv/bin/lint-imports
+# The CPU default embedder's INT8 model, made once and cached (~/.cache/sluice/onnx): made here
+# rather than inside the first test pipeline whose embed stage starts.
+run_step "model cache" .venv/bin/python -m stages.backends.onnx_embedder
 # Two workers, each taking whole files (a module's pipeline stays in one worker, with its own
 # RabbitMQ node): most tests wait on real processes, so two run in about the time of one.
 # SLUICE_TEST_WORKERS=0 runs them in this process, one after another.

@@ -69,15 +69,36 @@ def make_embedder(settings: Settings) -> Embedder:
     return _local_embedder(settings, settings.model_dir)
 
 
+def local_backend(settings: Settings, model_dir: Path | None = None) -> str:
+    """The backend the local model in `model_dir` (None: the packaged one) runs on:
+    `SLUICE_EMBED_BACKEND`, where `auto` means torch on CUDA (fp16, large batches) and, on
+    CPU, the INT8 ONNX model for the packaged MiniLM, which the benchmark measured several
+    times faster than fp32 torch at the same retrieval (bench/int8_quality.py). Any other
+    model stays on fp32 torch under `auto`: INT8's quality was measured for MiniLM only."""
+    if settings.embed_backend != "auto":
+        return settings.embed_backend
+    from stages.backends.embedder import pick_device
+
+    if pick_device(settings.embed_device).startswith("cuda") or model_dir is not None:
+        return "torch"
+    return "onnx-int8"
+
+
 def _local_embedder(settings: Settings, model_dir: Path | None) -> Embedder:
     """The model in `model_dir` (None: the packaged one) on the backend the settings choose."""
-    if settings.embed_backend == "onnx":
+    backend = local_backend(settings, model_dir)
+    if backend in ("onnx", "onnx-int8"):
         from stages.backends.onnx_embedder import OnnxEmbedder
 
-        return OnnxEmbedder(model_dir, settings.embed_batch_size)
+        return OnnxEmbedder(model_dir, settings.embed_batch_size, quantized=backend == "onnx-int8")
     from stages.backends.embedder import SentenceTransformerEmbedder
 
-    return SentenceTransformerEmbedder(model_dir, settings.embed_device, settings.embed_batch_size)
+    return SentenceTransformerEmbedder(
+        model_dir,
+        settings.embed_device,
+        settings.embed_batch_size,
+        cuda_batch_size=settings.embed_cuda_batch_size,
+    )
 
 
 # What a sentence-transformers directory holds: the tokenizer (the chunk stage measures with
