@@ -68,10 +68,16 @@ def celery_chain(
     *,
     expected_chunks: int,
     deadline_s: float,
+    embed_backend: str,
 ) -> CeleryRun:
-    """Start the four workers, run every document's chain, stop the workers."""
+    """Start the four workers, run every document's chain, stop the workers. The embed
+    worker uses `embed_backend`: the one Sluice is measured with, so only the plumbing differs."""
     data_dir = root / "data"
-    env = child_env(SLUICE_BENCH_AMQP_URL=broker.amqp_url, SLUICE_DATA_DIR=str(data_dir))
+    env = child_env(
+        SLUICE_BENCH_AMQP_URL=broker.amqp_url,
+        SLUICE_DATA_DIR=str(data_dir),
+        SLUICE_EMBED_BACKEND=embed_backend,
+    )
     workers = [spawn(worker_command(s), root / f"celery-{s}.log", env) for s in STAGES]
     try:
         from bench.celery_app import app, queue_of

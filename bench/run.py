@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from broker import PrivateBroker
 
+from bench.baseline import BASELINE_REV, baseline
 from bench.celery_run import celery_chain
 from bench.corpus import corpus, small_documents
 from bench.cpu import PhaseMeter
@@ -28,24 +30,43 @@ from bench.overhead import overhead
 from bench.prepare import prepare
 from bench.raw_model import measure
 from bench.reindex_bench import reindex_under_search
-from bench.report import Results, markdown, write
+from bench.report import FP32_BACKEND, INT8_BACKEND, Results, markdown, write
 from bench.search_latency import search_latency
-from bench.sluice_run import end_to_end, saturated, scale_out_end_to_end
+from bench.sluice_run import EndToEnd, end_to_end, saturated, scale_out_end_to_end
+from bench.zerocost import zerocost
+from contracts.settings import Settings
+from stages.backends.factory import local_backend
+
+if TYPE_CHECKING:
+    from bench.int8_quality import Int8Quality
+    from bench.vector_codec import VectorCodec
 
 PHASES = (
     "raw",
+    "vectors",
+    "int8",
     "enrich",
     "sluice",
+    "sluice-fp32",
+    "sluice-int8",
     "scaleout",
     "inrequest",
     "celery",
     "overhead",
+    "zerocost",
+    "baseline",
     "saturated",
     "lanes",
     "search",
     "ocr",
     "reindex",
 )
+# `--phases fast2`: the figures of the issue "Fast round 2" (bench/README.md).
+PRESETS = {
+    "fast2": "raw,vectors,int8,sluice,sluice-fp32,sluice-int8,celery,overhead,zerocost,baseline"
+}
+# The end-to-end variants by embed backend: phase name, `SLUICE_EMBED_BACKEND`.
+BACKEND_PHASES = (("sluice-fp32", FP32_BACKEND), ("sluice-int8", INT8_BACKEND))
 OUT = Path(__file__).resolve().parent / "out"
 T = TypeVar("T")
 
@@ -73,6 +94,21 @@ def timed(results: Results, phase: str, work: Callable[[], T]) -> T | None:
     return value
 
 
+def vector_codec() -> VectorCodec:
+    """One 64-chunk batch's vectors as JSON lists and packed (bench/vector_codec.py)."""
+    from bench.vector_codec import measure as measure_codec
+
+    return measure_codec()
+
+
+def int8_quality(texts: list[str]) -> Int8Quality:
+    """INT8 against fp32 in process over `texts` (bench/int8_quality.py), a query made from
+    every chunk: with 200, a recall@3 difference of a point was four queries either way."""
+    from bench.int8_quality import measure as measure_int8
+
+    return measure_int8(texts, queries=len(texts))
+
+
 def main() -> None:
     """Parse arguments, run the chosen phases, print and write the report."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -97,11 +133,21 @@ def main() -> None:
     ap.add_argument(
         "--search-chunks", type=int, default=100_000, help="vectors in each index, search phase"
     )
-    ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
+    ap.add_argument(
+        "--zerocost-repeat", type=int, default=3, help="corpus copies through the zerocost phase"
+    )
+    ap.add_argument(
+        "--baseline-rev", default=BASELINE_REV, help="the commit the baseline phase runs"
+    )
+    ap.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"subset of {','.join(PHASES)}, or a preset: {', '.join(PRESETS)}",
+    )
     ap.add_argument("--deadline-s", type=float, default=1200.0, help="give up on a phase after")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    phases = set(args.phases.split(","))
+    phases = set(PRESETS.get(args.phases, args.phases).split(","))
     if unknown := phases - set(PHASES):
         ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
     # Measure Sluice's defaults with tracing off, not whatever this shell has exported.
@@ -119,11 +165,20 @@ def main() -> None:
         prepared = asyncio.run(prepare(docs, root / "prepare"))
         print(f"chunks: {len(prepared.texts)}", flush=True)
         r = Results(
-            scale=args.scale, documents=len(docs), prepared=prepared, load_before=load_before
+            scale=args.scale,
+            documents=len(docs),
+            prepared=prepared,
+            load_before=load_before,
+            # The SLUICE_ variables are cleared above: this is Sluice's own default.
+            default_backend=local_backend(Settings()),
         )
         deadline = args.deadline_s
         if "raw" in phases:
             r.raw = timed(r, "raw", lambda: measure(prepared.texts))
+        if "vectors" in phases:
+            r.vectors = timed(r, "vectors", vector_codec)
+        if "int8" in phases:
+            r.int8 = timed(r, "int8", lambda: int8_quality(prepared.texts))
         if "enrich" in phases:
             batches = [b for found in prepared.recording.chunked.values() for b in found]
             r.chunk_rates = timed(
@@ -137,6 +192,32 @@ def main() -> None:
                     broker, root / "sluice", docs, clients=args.clients, deadline_s=deadline
                 ),
             )
+        for phase, backend in BACKEND_PHASES:
+            if phase not in phases:
+                continue
+            run: EndToEnd | None
+            if backend == r.default_backend and r.e2e is not None:
+                # The `sluice` phase already ran this backend: the same figure, not a second run.
+                run = r.e2e
+                r.reused.append(phase)
+            else:
+                run = timed(
+                    r,
+                    phase,
+                    functools.partial(
+                        end_to_end,
+                        broker,
+                        root / phase,
+                        docs,
+                        clients=args.clients,
+                        deadline_s=deadline,
+                        SLUICE_EMBED_BACKEND=backend,
+                    ),
+                )
+            if backend == FP32_BACKEND:
+                r.e2e_fp32 = run
+            else:
+                r.e2e_int8 = run
         if "scaleout" in phases:
             r.scale_out = timed(
                 r,
@@ -163,6 +244,7 @@ def main() -> None:
                     docs,
                     expected_chunks=len(prepared.texts),
                     deadline_s=deadline,
+                    embed_backend=r.default_backend,
                 ),
             )
         if "overhead" in phases:
@@ -174,6 +256,31 @@ def main() -> None:
                     root / "overhead",
                     prepared,
                     repeat=args.overhead_repeat,
+                    deadline_s=deadline,
+                ),
+            )
+        if "zerocost" in phases:
+            r.zerocost = timed(
+                r,
+                "zerocost",
+                lambda: zerocost(
+                    broker,
+                    root / "zerocost",
+                    docs,
+                    repeat=args.zerocost_repeat,
+                    clients=args.clients,
+                    deadline_s=deadline,
+                ),
+            )
+        if "baseline" in phases:
+            r.baseline = timed(
+                r,
+                "baseline",
+                lambda: baseline(
+                    root / "baseline",
+                    rev=args.baseline_rev,
+                    scale=args.scale,
+                    overhead_repeat=args.overhead_repeat,
                     deadline_s=deadline,
                 ),
             )
