@@ -24,6 +24,7 @@ from invariants import assert_nothing_lost
 from pipeline import wait_for_job
 
 from contracts import routing
+from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGE_NAMES
 from faults.conftest import (
     PipelineFactory,
     distinct_pdfs,
@@ -38,10 +39,14 @@ FAKES = Path(__file__).parents[1] / "fakes"
 
 
 async def test_kill_9_of_each_stage_holding_work_loses_nothing(
-    pipelines: PipelineFactory, broker: BrokerHandle
+    pipelines: PipelineFactory, broker: BrokerHandle, tmp_path: Path
 ) -> None:
+    # Each stage's messages wait at a gate of its own, so a stage is killed while it surely
+    # holds work (a fast stage would otherwise finish what it took before the kill).
+    gates = str(tmp_path / "gate-{stage}")
+    gated = {s: [sys.executable, str(FAKES / "gated_stage.py"), s] for s in STAGE_NAMES}
     # Two chunks a batch: every document is several batches, so each stage gets a backlog.
-    pipeline = pipelines(SLUICE_CHUNKS_PER_MESSAGE="2")
+    pipeline = pipelines(commands=gated, SLUICE_CHUNKS_PER_MESSAGE="2", **{GATE_ENV: gates})
     settings = pipeline.settings()
     # Nothing moves until a stage is started: each one starts with more waiting than it takes.
     for stage in pipeline.stages:
@@ -56,16 +61,19 @@ async def test_kill_9_of_each_stage_holding_work_loses_nothing(
         for stage in pipeline.stages:
             queue = routing.stage_queue(pipeline.namespace, stage)
             taken = settings.stage(stage).prefetch
+            gate = Path(gates.format(stage=stage))
             # More than its prefetch waits, so it holds a full prefetch as soon as it consumes.
             await wait_for_depth(broker, queue, lambda depth: depth > taken)  # noqa: B023
-            mark = pipeline.log_mark(stage)
             pipeline.start(stage)
-            await wait_for_log(pipeline, stage, f"stage {stage} consuming", since=mark)
+            while not held_marker(gate).exists():
+                assert pipeline.processes[stage].poll() is None, pipeline.logs()
+                await asyncio.sleep(0.05)
             pipeline.kill(stage)
             mark = pipeline.log_mark(stage)
             pipeline.start(stage)
             # What the killed worker held comes back to the one started in its place.
             await wait_for_log(pipeline, stage, REDELIVERED, since=mark)
+            gate.touch()
 
         jobs = await asyncio.gather(*(wait_for_job(api, job_id) for job_id in job_ids))
         assert [job["status"] for job in jobs] == ["indexed"] * 12, jobs
