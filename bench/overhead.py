@@ -16,10 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from broker import BrokerHandle
-from pipeline import Pipeline, launch, stop_pipeline
+from pipeline import Pipeline, credentials, launch, stop_pipeline
 
 from bench.cpu import CpuMeter
 from bench.pika_chain import PlainRun, plain_chain
@@ -30,6 +32,9 @@ from contracts.events import events_of
 from contracts.messages import DocumentUploaded
 from contracts.pipeline import DEFAULT_STAGE_NAMES as STAGES
 from stages.infra.broker import Broker
+
+# Seconds the management API's message counts lag behind (its stats interval is 5 s).
+STATS_LAG_S = 6.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def overhead(
     try:
         meter = CpuMeter(pids(pipeline)).start()
         sluice_s, event_messages = asyncio.run(
-            _through_sluice(pipeline, uploads, batches, deadline_s)
+            _through_sluice(pipeline, broker, uploads, batches, deadline_s)
         )
         sluice_cpu_s = meter.stop()
     except BaseException:
@@ -119,30 +124,31 @@ def _uploaded(filename: str, size: int) -> DocumentUploaded:
 
 
 async def _through_sluice(
-    pipeline: Pipeline, uploads: list[DocumentUploaded], batches: int, deadline_s: float
+    pipeline: Pipeline,
+    broker_handle: BrokerHandle,
+    uploads: list[DocumentUploaded],
+    batches: int,
+    deadline_s: float,
 ) -> tuple[float, int]:
     """Publish every upload as the gateway does; wait for index's event for every batch.
-    Returns the seconds that took and the job-event messages published meanwhile."""
+    Returns the seconds that took and the job-event messages the tracker's queue took in."""
+    tracker_queue = routing.tracker_queue(pipeline.namespace)
+    before = _published_into(broker_handle, tracker_queue)
     broker = Broker(pipeline.settings())
     await broker.connect()
     try:
         channel = await broker.consumer_channel(prefetch=1000)
         exchange = await channel.get_exchange(routing.exchange(pipeline.namespace))
-        # A copy of every job event message, beside the tracker's: index's progress events
-        # count the batches indexed.
+        # A copy of index's progress events, beside the tracker's: they count the batches
+        # indexed (a message may carry several).
         watch = await channel.declare_queue(exclusive=True)
-        await watch.bind(exchange, routing.JOB_EVENTS)
+        await watch.bind(exchange, routing.job_event_key("index", "progress"))
         indexed = 0
-        event_messages = 0
         done = asyncio.Event()
-        index_progress = routing.job_event_key("index", "progress")
 
         async def count(delivery: AbstractIncomingMessage) -> None:
-            nonlocal indexed, event_messages
-            event_messages += 1
-            if delivery.routing_key == index_progress:
-                # Index's messages also report embed's progress (contracts/events.py).
-                indexed += sum(e.stage == "index" for e in events_of(delivery.body))
+            nonlocal indexed
+            indexed += len(events_of(delivery.body))
             if indexed >= batches:
                 done.set()
 
@@ -150,6 +156,21 @@ async def _through_sluice(
         started = time.monotonic()
         await asyncio.gather(*(broker.publish(m, routing.DOC_UPLOADED) for m in uploads))
         await asyncio.wait_for(done.wait(), deadline_s)
-        return time.monotonic() - started, event_messages
+        took = time.monotonic() - started
     finally:
         await broker.close()
+    # The management API's message counts are a few seconds behind.
+    await asyncio.sleep(STATS_LAG_S)
+    return took, _published_into(broker_handle, tracker_queue) - before
+
+
+def _published_into(broker: BrokerHandle, queue: str) -> int:
+    """Messages ever routed into `queue`, as the management API counts them."""
+    user, password = credentials(broker.amqp_url)
+    answer = httpx.get(
+        f"{broker.management_url}/api/queues/%2F/{quote(queue, safe='')}",
+        auth=(user, password),
+        timeout=10,
+    )
+    answer.raise_for_status()
+    return int((answer.json().get("message_stats") or {}).get("publish", 0))
