@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -68,8 +69,8 @@ class RssSampler:
         self.samples += 1
 
 
-def queue_depth(broker: BrokerHandle, queue: str) -> dict[str, int]:
-    """Ready and unacknowledged messages of a queue, from the management API."""
+def queue_info(broker: BrokerHandle, queue: str) -> dict[str, Any]:
+    """What the management API says of one queue (its counts a few seconds behind)."""
     user, password = credentials(broker.amqp_url)
     answer = httpx.get(
         f"{broker.management_url}/api/queues/%2F/{quote(queue, safe='')}",
@@ -77,7 +78,13 @@ def queue_depth(broker: BrokerHandle, queue: str) -> dict[str, int]:
         timeout=10,
     )
     answer.raise_for_status()
-    body = answer.json()
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def queue_depth(broker: BrokerHandle, queue: str) -> dict[str, int]:
+    """Ready and unacknowledged messages of a queue, from the management API."""
+    body = queue_info(broker, queue)
     return {
         "ready": int(body.get("messages_ready", 0)),
         "unacked": int(body.get("messages_unacknowledged", 0)),

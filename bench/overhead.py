@@ -16,14 +16,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
-import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from broker import BrokerHandle
-from pipeline import Pipeline, credentials, launch, stop_pipeline
+from pipeline import Pipeline, launch, stop_pipeline
 
 from bench.cpu import CpuMeter
+from bench.memory import queue_info
 from bench.pika_chain import PlainRun, plain_chain
 from bench.prepare import Plan, Prepared
 from bench.sluice_run import DEFAULTS, keep_logs, pids
@@ -166,11 +165,4 @@ async def _through_sluice(
 
 def _published_into(broker: BrokerHandle, queue: str) -> int:
     """Messages ever routed into `queue`, as the management API counts them."""
-    user, password = credentials(broker.amqp_url)
-    answer = httpx.get(
-        f"{broker.management_url}/api/queues/%2F/{quote(queue, safe='')}",
-        auth=(user, password),
-        timeout=10,
-    )
-    answer.raise_for_status()
-    return int((answer.json().get("message_stats") or {}).get("publish", 0))
+    return int((queue_info(broker, queue).get("message_stats") or {}).get("publish", 0))
